@@ -1,0 +1,34 @@
+# `make test` and `make bench` build .venv from nothing, then run.
+# torch: an installed 2.13 is reused (venv with system site-packages); otherwise TORCH_SPEC is
+# installed explicitly first — on this machine kind it is the CPU wheel on disk. The project pins
+# torch<2.14, so nothing later can pull a newer (CUDA) build implicitly.
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+BENCH_ARGS ?=
+
+.PHONY: test bench env clean
+
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if [ ! -x $(PY) ]; then \
+	  if $(PYTHON) -c "import torch, sys; sys.exit(not torch.__version__.startswith('2.13'))" 2>/dev/null; then \
+	    echo "reusing the installed torch"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON) -m venv $(VENV); fi; \
+	fi
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test,bench]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) experiments/model_exp.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Graph passes of the runlora backend: find LoRA sites, rewrite them, tag recomputation."""

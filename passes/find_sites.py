@@ -1,0 +1,289 @@
+"""Find LoRA sites in a Dynamo graph by shape, not by module class.
+
+A site is `linear(x, W, b) + Σ_k s_k · linear(linear(D_k(x), A_k), B_k)` where D_k is absent or
+a dropout, and s_k a constant or a graph value. Anything that looks like one but would not be
+rewritten exactly becomes a `SkippedSite` with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import optimization_hint
+
+from runlora_fx.site import Adapter, LoraSite, SkippedSite
+
+LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
+ADD = (operator.add, torch.add, torch.Tensor.add)
+MUL = (operator.mul, torch.mul, torch.Tensor.mul)
+DROPOUT = (torch.nn.functional.dropout, torch.dropout)
+
+Scale = float | fx.Node
+
+
+@dataclass(frozen=True)
+class Term:
+    """`s · linear(linear(D(x), A), B)` as nodes."""
+
+    mul: fx.Node | None
+    lora_b: fx.Node
+    lora_a: fx.Node
+    dropout: fx.Node | None
+    source: fx.Node  # x, with the dropout stripped
+    scale: Scale
+
+
+@dataclass(frozen=True)
+class SiteMatch:
+    """A site the rewriter may replace: its data and the nodes that feed and form it."""
+
+    site: LoraSite
+    root: fx.Node  # the last add: its users get the rewritten result
+    x: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+    lora_inputs: tuple[fx.Node | None, ...]  # D_k(x) of dropout branches, None where x itself
+    lora_a: tuple[fx.Node, ...]
+    lora_b: tuple[fx.Node, ...]
+    scales: tuple[Scale, ...]
+    owned: tuple[fx.Node, ...]  # replaced by the rewrite, in graph order
+
+
+class Unsupported(Exception):
+    """A LoRA-shaped pattern that cannot be rewritten exactly; the message is the reason."""
+
+
+def _is(node: object, targets: tuple[object, ...]) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _linear_parts(node: fx.Node) -> tuple[object, object, object]:
+    return _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+
+
+def _value(node: object) -> object:
+    return node.meta.get("example_value") if isinstance(node, fx.Node) else node
+
+
+def _is_scalar(value: object) -> bool:
+    if isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
+        return not isinstance(value, bool)
+    return isinstance(value, torch.Tensor) and value.dim() == 0
+
+
+def _parse_term(node: object) -> Term | None:
+    mul, lora_b, scale = None, node, 1.0
+    if _is(node, MUL) and len(node.args) == 2:
+        left, right = node.args
+        if _is(left, LINEAR) and _is_scalar(_value(right)):
+            mul, lora_b, scale = node, left, right
+        elif _is(right, LINEAR) and _is_scalar(_value(left)):
+            mul, lora_b, scale = node, right, left
+    if not _is(lora_b, LINEAR):
+        return None
+    lora_a = _linear_parts(lora_b)[0]
+    if not _is(lora_a, LINEAR):
+        return None
+    source = _linear_parts(lora_a)[0]
+    dropout = source if _is(source, DROPOUT) else None
+    if dropout is not None:
+        source = _arg(dropout, 0, "input")
+    if not isinstance(source, fx.Node):
+        return None
+    return Term(mul, lora_b, lora_a, dropout, source, scale)
+
+
+def _parse_sum(node: object) -> tuple[fx.Node, list[Term], list[fx.Node]] | None:
+    """(base linear, terms, adds) of `base + t_1 + … + t_k`, or None."""
+    if _is(node, LINEAR):
+        return node, [], []
+    if not (_is(node, ADD) and len(node.args) == 2 and not node.kwargs):
+        return None
+    left, right = node.args
+    for inner, term_node in ((left, right), (right, left)):
+        term = _parse_term(term_node)
+        inner_sum = _parse_sum(inner) if term is not None else None
+        if inner_sum is not None:
+            base, terms, adds = inner_sum
+            return base, [*terms, term], [*adds, node]
+    return None
+
+
+def module_path(node: fx.Node) -> str | None:
+    """`L['self'].__dict__['_modules']['base_model']…q_proj` → `base_model…q_proj`."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"^L\['[^']*'\]", "", path)
+    path = re.sub(r"\.__dict__\['_modules'\]\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"\['([^']*)'\]", r".\1", path)
+    return path.lstrip(".")
+
+
+def _site_path(base: fx.Node, terms: list[Term]) -> str:
+    """The module holding both the base linear and the adapters (their common prefix)."""
+    paths = [p for p in (module_path(base), *(module_path(t.lora_a) for t in terms)) if p]
+    if not paths:
+        return base.name
+    parts = [p.split(".") for p in paths]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common) or base.name
+
+
+def _mutates(node: fx.Node) -> bool:
+    target = node.target
+    if node.op == "call_method":
+        return str(target).endswith("_") and not str(target).startswith("_")
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.is_mutable
+    name = getattr(target, "__name__", "")
+    return name.endswith("_") and not name.startswith("_") or target in (operator.iadd,)
+
+
+def _tensor(node: object, what: str) -> torch.Tensor:
+    value = _value(node)
+    if not isinstance(value, torch.Tensor):
+        raise Unsupported(f"{what} has no tensor example value")
+    return value
+
+
+def _only_user(node: fx.Node, user: fx.Node, what: str) -> None:
+    if set(node.users) != {user}:
+        raise Unsupported(f"{what} ({node.name}) is also used outside the site")
+
+
+def _dropout_p(term: Term) -> float:
+    """The branch's effective dropout probability (0.0 when it reads x itself)."""
+    if term.dropout is None:
+        return 0.0
+    p, training = _arg(term.dropout, 1, "p", 0.5), _arg(term.dropout, 2, "training", True)
+    inplace = _arg(term.dropout, 3, "inplace", False)
+    if not isinstance(p, (int, float)) or not isinstance(training, bool) or inplace is not False:
+        raise Unsupported("dropout with a non-constant p or training flag, or in place")
+    return float(p) if training else 0.0
+
+
+def _adapter(term: Term, x: torch.Tensor, d_out: int) -> Adapter:
+    _, a_node, a_bias = _linear_parts(term.lora_a)
+    _, b_node, b_bias = _linear_parts(term.lora_b)
+    if a_bias is not None or b_bias is not None:
+        raise Unsupported("a LoRA linear has a bias")
+    a, b = _tensor(a_node, "lora_A weight"), _tensor(b_node, "lora_B weight")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != x.shape[-1] or b.shape != (d_out, a.shape[0]):
+        raise Unsupported(f"adapter shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit")
+    for weight, use, what in ((a_node, term.lora_a, "lora_A"), (b_node, term.lora_b, "lora_B")):
+        _only_user(weight, use, f"{what} weight (shared adapter weights)")
+    scale = _value(term.scale)
+    if isinstance(scale, torch.Tensor):
+        raise Unsupported("the LoRA scale is a tensor")
+    return Adapter(
+        r=int(a.shape[0]),
+        dropout_p=_dropout_p(term),
+        scale=float(scale) if isinstance(scale, (int, float)) else None,
+        a_requires_grad=a.requires_grad,
+        b_requires_grad=b.requires_grad,
+    )
+
+
+def _match(root: fx.Node, base: fx.Node, terms: list[Term], adds: list[fx.Node]) -> SiteMatch:
+    x_node, w_node, bias_node = _linear_parts(base)
+    if not isinstance(x_node, fx.Node) or any(t.source is not x_node for t in terms):
+        raise Unsupported("a LoRA branch reads a different input than the base linear")
+    x, w = _tensor(x_node, "x"), _tensor(w_node, "base weight")
+    bias = _tensor(bias_node, "bias") if bias_node is not None else None
+    if w.requires_grad:
+        raise Unsupported("the base weight requires grad (full fine-tuning, not LoRA)")
+    if x.dim() < 2 or w.dim() != 2 or x.shape[-1] != w.shape[1]:
+        raise Unsupported(f"x{tuple(x.shape)} and W{tuple(w.shape)} are not a 2-D linear")
+    if any(_mutates(user) for user in x_node.users):
+        raise Unsupported("x is mutated in place")
+    # The nodes the rewrite removes must feed nothing else.
+    chain = [base, *adds]
+    for node, user in zip(chain, chain[1:]):
+        _only_user(node, user, "the base linear" if node is base else "a partial sum")
+    for term, add in zip(terms, adds):
+        inner = [term.lora_a, term.lora_b] + ([term.mul] if term.mul is not None else [])
+        for node, user in zip(inner, [*inner[1:], add]):
+            _only_user(node, user, "a LoRA intermediate")
+    adapters = tuple(_adapter(t, x, int(w.shape[0])) for t in terms)
+    tensors = [x, w, *([bias] if bias is not None else [])]
+    tensors += [_tensor(_linear_parts(t.lora_a)[1], "A") for t in terms]
+    tensors += [_tensor(_linear_parts(t.lora_b)[1], "B") for t in terms]
+    if len({t.dtype for t in tensors}) != 1 or len({t.device for t in tensors}) != 1:
+        raise Unsupported("x, W, bias and adapters differ in dtype or device")
+    n = math.prod(x.shape[:-1])
+    n_hint = optimization_hint(n) if isinstance(n, torch.SymInt) else int(n)
+    out = _tensor(root, "the site's result")
+    site = LoraSite(
+        path=_site_path(base, terms),
+        n=int(n_hint),
+        d_in=int(w.shape[1]),
+        d_out=int(w.shape[0]),
+        adapters=adapters,
+        dtype=x.dtype,
+        has_bias=bias is not None,
+        bias_requires_grad=bias is not None and bias.requires_grad,
+        x_requires_grad=x.requires_grad,
+        training=out.requires_grad,
+        n_symbolic=None if isinstance(n, int) else str(n),
+    )
+    reads_x = [a.reads_base_input for a in adapters]
+    # A dropout that is the identity (eval, p = 0) becomes dead once the site reads x itself.
+    dead_dropouts = [
+        t.dropout for t, r in zip(terms, reads_x) if t.dropout is not None and r
+        and set(t.dropout.users) == {t.lora_a}
+    ]
+    owned = {base, *adds, *dead_dropouts}
+    for term in terms:
+        owned |= {term.lora_a, term.lora_b} | ({term.mul} if term.mul is not None else set())
+    order = {node: i for i, node in enumerate(root.graph.nodes)}
+    return SiteMatch(
+        site=site,
+        root=root,
+        x=x_node,
+        weight=w_node,
+        bias=bias_node,
+        lora_inputs=tuple(None if r else t.dropout for t, r in zip(terms, reads_x)),
+        lora_a=tuple(_linear_parts(t.lora_a)[1] for t in terms),
+        lora_b=tuple(_linear_parts(t.lora_b)[1] for t in terms),
+        scales=tuple(t.scale for t in terms),
+        owned=tuple(sorted(owned, key=order.__getitem__)),
+    )
+
+
+def find_sites(graph: fx.Graph) -> tuple[list[SiteMatch], list[SkippedSite]]:
+    """Every LoRA-shaped sum in the graph: matched sites and skipped ones with reasons."""
+    matches: list[SiteMatch] = []
+    skipped: list[SkippedSite] = []
+    claimed: set[fx.Node] = set()
+    for node in reversed(graph.nodes):  # outermost sums first
+        if node in claimed:
+            continue
+        parsed = _parse_sum(node)
+        if parsed is None or not parsed[1]:
+            continue
+        base, terms, adds = parsed
+        claimed.update(adds)
+        try:
+            matches.append(_match(node, base, terms, adds))
+        except Unsupported as why:
+            skipped.append(SkippedSite(_site_path(base, terms), str(why)))
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    matches.sort(key=lambda m: order[m.root])
+    return matches, skipped

@@ -1,0 +1,55 @@
+"""Joint-graph pass: make the partitioner recompute what a plan says to recompute.
+
+Joint-graph CSE merges a backward recompute of h = x Aᵀ (or of W + sBA) with the forward one, and
+the min-cut partitioner never recomputes a matmul, so without tags "recompute" silently becomes
+"save" (DESIGN.md §2). Forward nodes traced under the executor's annotation are tagged
+MUST_RECOMPUTE; forward means not reachable from any tangent.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch.utils.checkpoint import CheckpointPolicy
+
+from runlora_fx.execute import RECOMPUTE_ANNOTATION
+
+PASS_VERSION = "runlora-recompute-tags-1"  # change when the pass changes (FX cache key)
+
+
+def dataflow(graph: fx.Graph) -> nx.DiGraph:
+    flow = nx.DiGraph()
+    flow.add_nodes_from(graph.nodes)
+    flow.add_edges_from((node, user) for node in graph.nodes for user in node.users)
+    return flow
+
+
+def backward_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes that depend on a tangent (the incoming gradient)."""
+    flow = dataflow(graph)
+    tangents = [n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")]
+    reached: set[fx.Node] = set(tangents)
+    for tangent in tangents:
+        reached |= nx.descendants(flow, tangent)
+    return reached
+
+
+def tag_recompute(graph: fx.Graph) -> int:
+    """Tag annotated forward nodes MUST_RECOMPUTE; returns how many were tagged."""
+    backward = backward_nodes(graph)
+    tagged = 0
+    for node in graph.nodes:
+        custom = node.meta.get("custom") or {}
+        if RECOMPUTE_ANNOTATION in custom and node not in backward and node.op == "call_function":
+            node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+            tagged += 1
+    return tagged
+
+
+class RecomputeTags(CustomGraphPass):
+    def __call__(self, graph: fx.Graph) -> None:
+        tag_recompute(graph)
+
+    def uuid(self) -> str:
+        return PASS_VERSION

@@ -1,0 +1,29 @@
+"""runlora-fx: a torch.compile backend that rewrites every LoRA linear into its cheapest
+equivalent contraction order, then hands the graph to Inductor."""
+
+from runlora_fx.backend import Backend, GraphReport, runlora
+from runlora_fx.choose import CRITERIA, Candidate, Decision, choose
+from runlora_fx.cost import Cost, cost_of
+from runlora_fx.options import Options, parse_options
+from runlora_fx.plans import Plan, plans_for, reference_plan
+from runlora_fx.site import Adapter, LoraSite, SkippedSite
+
+__all__ = [
+    "Adapter",
+    "Backend",
+    "CRITERIA",
+    "Candidate",
+    "Cost",
+    "Decision",
+    "GraphReport",
+    "LoraSite",
+    "Options",
+    "Plan",
+    "SkippedSite",
+    "choose",
+    "cost_of",
+    "parse_options",
+    "plans_for",
+    "reference_plan",
+    "runlora",
+]

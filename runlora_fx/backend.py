@@ -1,0 +1,112 @@
+"""The `runlora` torch.compile backend: find → plan → choose → rewrite → tag → compile.
+
+Each stage is a named function; the stage names reappear in `GraphReport`. The backend holds no
+module state: every torch.compile call gets its own `Backend` and its own reports.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._functorch._aot_autograd.utils import make_boxed_func
+from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+
+from passes.find_sites import SiteMatch, find_sites
+from passes.recompute_tags import RecomputeTags
+from passes.rewrite import rewrite_site
+from runlora_fx.choose import Decision, choose
+from runlora_fx.options import Options, parse_options
+from runlora_fx.site import SkippedSite
+
+
+@dataclass
+class GraphReport:
+    """What happened to one compiled graph; the partitioned graphs arrive as they compile."""
+
+    graph_id: int
+    decisions: list[Decision] = field(default_factory=list)
+    skipped: list[SkippedSite] = field(default_factory=list)
+    parameter_inputs: tuple[bool, ...] = ()  # per graph input: is it an nn.Parameter
+    forward: fx.GraphModule | None = None
+    backward: fx.GraphModule | None = None
+
+
+def eager_inner(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
+    """Run the partitioned aten graph as it is, without Inductor codegen."""
+    return make_boxed_func(gm.forward)
+
+
+INNER = {"inductor": compile_fx_inner, "eager": eager_inner}
+
+
+def _recording(inner: Callable, report: GraphReport) -> Callable:
+    def compile_partition(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
+        if kwargs.get("is_backward"):
+            report.backward = gm
+        else:
+            report.forward = gm
+        return inner(gm, example_inputs, **kwargs)
+
+    return compile_partition
+
+
+def plan_sites(matches: list[SiteMatch], criterion: str) -> list[Decision]:
+    return [choose(match.site, criterion) for match in matches]
+
+
+def rewrite_sites(gm: fx.GraphModule, matches: list[SiteMatch], decisions: list[Decision]) -> None:
+    for i, (match, decision) in enumerate(zip(matches, decisions)):
+        rewrite_site(gm.graph, match, decision.chosen.plan, f"runlora_site_{i}")
+    gm.graph.lint()
+    gm.recompile()
+
+
+def compile_rewritten(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: Options,
+    mode: str | None,
+    report: GraphReport,
+) -> Callable:
+    config: dict[str, Any] = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    config["joint_custom_pre_pass"] = RecomputeTags()
+    inner = _recording(INNER[options.inner], report)
+    # The AOTAutograd cache would skip the joint pass and the recording on a hit.
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(gm, example_inputs, inner_compile=inner, config_patches=config)
+
+
+class Backend:
+    """A `torch.compile` backend object; `reports` has one entry per graph it compiled."""
+
+    def __init__(self, options: Mapping[str, Any] | None = None, mode: str | None = None):
+        self.options = parse_options(options)
+        self.mode = None if mode in (None, "default") else mode
+        self.reports: list[GraphReport] = []
+        self._ids = itertools.count()
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        report = GraphReport(
+            graph_id=next(self._ids),
+            parameter_inputs=tuple(isinstance(t, torch.nn.Parameter) for t in example_inputs),
+        )
+        self.reports.append(report)
+        matches, report.skipped = find_sites(gm.graph)
+        report.decisions = plan_sites(matches, self.options.criterion)
+        rewrite_sites(gm, matches, report.decisions)
+        return compile_rewritten(gm, example_inputs, self.options, self.mode, report)
+
+
+def runlora(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    options: Mapping[str, Any] | None = None,
+    mode: str | None = None,
+) -> Callable:
+    """Entry point of `torch.compile(model, backend="runlora", options=...)`."""
+    return Backend(options, mode)(gm, example_inputs)
