@@ -4,6 +4,7 @@ equivalent contraction order, then hands the graph to Inductor."""
 from runlora_fx.backend import Backend, GraphReport, runlora
 from runlora_fx.choose import CRITERIA, Candidate, Decision, choose
 from runlora_fx.cost import Cost, cost_of
+from runlora_fx.explainer import Explanation, explain
 from runlora_fx.options import Options, parse_options
 from runlora_fx.plans import Plan, plans_for, reference_plan
 from runlora_fx.site import Adapter, LoraSite, SkippedSite
@@ -15,6 +16,7 @@ __all__ = [
     "Candidate",
     "Cost",
     "Decision",
+    "Explanation",
     "GraphReport",
     "LoraSite",
     "Options",
@@ -22,6 +24,7 @@ __all__ = [
     "SkippedSite",
     "choose",
     "cost_of",
+    "explain",
     "parse_options",
     "plans_for",
     "reference_plan",

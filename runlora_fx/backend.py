@@ -20,6 +20,7 @@ from passes.find_sites import SiteMatch, find_sites
 from passes.recompute_tags import RecomputeTags
 from passes.rewrite import rewrite_site
 from runlora_fx.choose import Decision, choose
+from runlora_fx.debug import DebugOutput
 from runlora_fx.options import Options, parse_options
 from runlora_fx.site import SkippedSite
 
@@ -34,6 +35,10 @@ class GraphReport:
     parameter_inputs: tuple[bool, ...] = ()  # per graph input: is it an nn.Parameter
     forward: fx.GraphModule | None = None
     backward: fx.GraphModule | None = None
+    # called as f("forward" | "backward", gm) when a partitioned graph arrives (the debug dump)
+    on_partition: list[Callable[[str, fx.GraphModule], None]] = field(
+        default_factory=list, repr=False, compare=False
+    )
 
 
 def eager_inner(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
@@ -50,6 +55,8 @@ def _recording(inner: Callable, report: GraphReport) -> Callable:
             report.backward = gm
         else:
             report.forward = gm
+        for listener in report.on_partition:
+            listener("backward" if kwargs.get("is_backward") else "forward", gm)
         return inner(gm, example_inputs, **kwargs)
 
     return compile_partition
@@ -89,6 +96,7 @@ class Backend:
         self.mode = None if mode in (None, "default") else mode
         self.reports: list[GraphReport] = []
         self._ids = itertools.count()
+        self.debug = DebugOutput(self.options)  # reads RUNLORA_DEBUG_DIR now, not at import
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         report = GraphReport(
@@ -98,7 +106,9 @@ class Backend:
         self.reports.append(report)
         matches, report.skipped = find_sites(gm.graph)
         report.decisions = plan_sites(matches, self.options.criterion)
+        graph_debug = self.debug.start(report, gm)  # log lines; dump sites.json, report.md
         rewrite_sites(gm, matches, report.decisions)
+        graph_debug.rewritten(gm)
         return compile_rewritten(gm, example_inputs, self.options, self.mode, report)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -15,6 +16,7 @@ INNER_COMPILERS = ("inductor", "eager")
 class Options:
     criterion: str = "flops"
     inner: str = "inductor"
+    debug_dir: str | None = None  # debug dump folder; None: $RUNLORA_DEBUG_DIR; "": no dump
 
 
 def _check_choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -34,6 +36,10 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
             f"runlora: unknown option(s) {', '.join(map(repr, unknown))}; "
             f"valid options are {', '.join(known)}"
         )
+    if options.get("debug_dir") is not None:
+        if not isinstance(options["debug_dir"], (str, os.PathLike)):
+            raise ValueError(f"runlora: option debug_dir={options['debug_dir']!r} is not a path")
+        options["debug_dir"] = os.fspath(options["debug_dir"])
     parsed = Options(**options)
     _check_choice("criterion", parsed.criterion, tuple(CRITERIA))
     _check_choice("inner", parsed.inner, INNER_COMPILERS)

@@ -1,0 +1,283 @@
+"""Benchmark a LoRA training step on a Llama config: PEFT eager, PEFT + Inductor, runlora, floor.
+
+The RunLoRA paper's experiment (the seed's flags, same names and meaning), rerun as DESIGN.md §3
+says: same weights and batch for every variant, compile first (timed apart), then interleaved
+rounds until --min_run_time is spent, medians and paired ratios. With no arguments it runs the
+CPU-sized default (llama_20m, all 7 target modules, r 8, fp32, b 4, s 256) that `make bench` runs.
+
+    python experiments/model_exp.py -m configs/llama_60m.json --n_batch 4 --seq_len 256 -r 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_lib, bench_report
+
+from bench_lib import (  # noqa: E402
+    LoraSpec,
+    Runner,
+    Variant,
+    add_lora,
+    build_base,
+    compile_variant,
+    fb_step,
+    interleaved_rounds,
+    make_batch,
+    make_floor,
+    measure_memory,
+    missing_targets,
+    state_storages,
+    steps_per_round,
+    variant_error,
+    warm_up,
+)
+from runlora_fx import CRITERIA  # noqa: E402
+from runlora_fx.options import INNER_COMPILERS  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ALL_TARGETS = ("q_proj", "v_proj", "k_proj", "o_proj", "up_proj", "down_proj", "gate_proj")
+ROUND_TARGET_S = 0.2  # each variant runs about this long per round (at least one step)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Time a LoRA forward+backward step per implementation and write the table.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("-m", "--model_name_or_config", default=str(REPO / "configs" / "llama_20m.json"),
+        help="path to a config JSON, or the name of a model already in the local HF cache")
+    add("--n_batch", type=int, default=4, help="batch size")
+    add("--seq_len", type=int, default=None,
+        help="sequence length (default: the config's max_sequence_length / max_position_embeddings)")
+    add("-r", "--lora_r", type=int, default=8, help="rank of the LoRA adapters")
+    add("-a", "--lora_alpha", type=float, default=8.0, help="LoRA scaling factor (scale = alpha/r)")
+    add("-d", "--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branch input")
+    add("--dtype", default="fp32", help=f"parameter and activation dtype: {', '.join(DTYPES)}")
+    add("--target_modules", nargs="+", default=list(ALL_TARGETS),
+        help="module names that get LoRA adapters")
+    add("--criterions", nargs="+", default=["flops"],
+        help=f"runlora criteria to benchmark, one runlora:<criterion> variant each: {', '.join(CRITERIA)}")
+    add("--variants", nargs="+", default=None,
+        help="implementations to run: peft, peft+inductor, runlora:<criterion>, floor; 'runlora' "
+             "stands for one per --criterions (default: peft peft+inductor runlora floor)")
+    add("--inner", default="inductor", choices=INNER_COMPILERS,
+        help="compiler runlora hands its rewritten graphs to")
+    add("--min_run_time", type=float, default=60.0,
+        help="seconds of interleaved timed rounds (after compiling)")
+    add("--min_rounds", type=int, default=5, help="at least this many rounds")
+    add("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
+    add("--threads", type=int, default=available_cores(), help="torch CPU threads")
+    add("--seed", type=int, default=0, help="seed of the weights and of the batch")
+    add("--profile_memory", action=argparse.BooleanOptionalAction, default=True,
+        help="on CPU, also measure each variant's peak bytes in one profiled step")
+    add("-o", "--out", default=None,
+        help="prefix of the .csv/.md/.png outputs (default: bench-out/<config>_b<n>_s<len>_r<r>_<dtype>)")
+    return parser
+
+
+def load_config(name: str):
+    from transformers import AutoConfig
+
+    if Path(name).exists():
+        return AutoConfig.from_pretrained(name)
+    return AutoConfig.from_pretrained(name, local_files_only=True)
+
+
+def expand_variants(args: argparse.Namespace) -> list[str]:
+    names = args.variants or ["peft", "peft+inductor", "runlora", "floor"]
+    expanded: list[str] = []
+    for name in names:
+        expanded += [f"runlora:{c}" for c in args.criterions] if name == "runlora" else [name]
+    return list(dict.fromkeys(expanded))  # drop repeats, keep order
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
+    """Parsed and validated arguments; every error exits with code 2 before anything compiles."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    error = parser.error
+    if args.dtype not in DTYPES:
+        error(f"--dtype {args.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    for flag, value in (("--lora_r", args.lora_r), ("--n_batch", args.n_batch),
+                        ("--min_rounds", args.min_rounds), ("--threads", args.threads)):
+        if value <= 0:
+            error(f"{flag} must be a positive integer, got {value}")
+    if args.seq_len is not None and args.seq_len <= 0:
+        error(f"--seq_len must be a positive integer, got {args.seq_len}")
+    if args.lora_alpha <= 0:
+        error(f"--lora_alpha must be positive, got {args.lora_alpha}")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.min_run_time < 0:
+        error(f"--min_run_time must not be negative, got {args.min_run_time}")
+    targets = [t for t in args.target_modules if t.strip()]
+    if not targets:
+        error("--target_modules is empty: name at least one module, e.g. q_proj v_proj")
+    args.target_modules = targets
+    for criterion in args.criterions:
+        if criterion not in CRITERIA:
+            error(f"unknown criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
+    args.variants = expand_variants(args)
+    for name in args.variants:
+        why = variant_error(name, tuple(CRITERIA))
+        if why:
+            error(why)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        error(f"--device {args.device!r} is not a device; use cpu or cuda")
+    if device.type not in ("cpu", "cuda"):
+        error(f"--device {args.device!r}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        error(f"--device {args.device}: CUDA is not available in this torch ({torch.__version__})")
+    try:
+        args.config = load_config(args.model_name_or_config)
+    except (OSError, ValueError) as why:
+        error(f"-m {args.model_name_or_config!r} is neither a config file nor a model in the "
+              f"local HF cache: {why}")
+    max_len = getattr(args.config, "max_sequence_length", None) or args.config.max_position_embeddings
+    args.seq_len = args.seq_len or max_len
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+
+        skeleton = AutoModelForCausalLM.from_config(args.config)
+    missing = missing_targets(skeleton, args.target_modules)
+    if missing:
+        error(f"--target_modules {' '.join(missing)} match no module of {args.model_name_or_config}")
+    if args.out is None:
+        stem = Path(args.model_name_or_config).stem
+        args.out = str(Path("bench-out") / f"{stem}_b{args.n_batch}_s{args.seq_len}_r{args.lora_r}_{args.dtype}")
+    return args, parser
+
+
+def prepare(args: argparse.Namespace, device: torch.device) -> list[Runner]:
+    """One frozen base, one PEFT model; each variant gets its own copy of the same weights."""
+    dtype = DTYPES[args.dtype]
+    spec = LoraSpec(args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.target_modules))
+    base = build_base(args.config, dtype, device, args.seed)
+    peft_model = add_lora(base, spec, args.seed)
+    batch = make_batch(args.config.vocab_size, args.n_batch, args.seq_len, device, args.seed)
+    runners = []
+    for name in args.variants:
+        variant = Variant(name)
+        model = make_floor(base, spec.target_modules) if name == "floor" else copy.deepcopy(peft_model)
+        runnable, backend = compile_variant(variant, model, args.inner)
+        runners.append(Runner(variant, fb_step(runnable, batch), state_storages(model), backend))
+    return runners
+
+
+def run(args: argparse.Namespace) -> list[Runner]:
+    from tqdm import tqdm
+
+    device = torch.device(args.device)
+    runners = prepare(args, device)
+    count = len(runners)
+    with tqdm(total=2 * count + args.min_rounds, unit="task", file=sys.stderr) as bar:
+        for runner in runners:
+            bar.set_description(f"compile {runner.variant.name}")
+            warm_up(runner, device)
+            bar.update()
+        for runner in runners:
+            bar.set_description(f"memory {runner.variant.name}")
+            measure_memory(runner, device, args.profile_memory)
+            bar.update()
+        reps = steps_per_round(runners, ROUND_TARGET_S)
+        round_s = reps * sum(r.warm_step_s for r in runners)
+        bar.total = 2 * count + max(args.min_rounds, math.ceil(args.min_run_time / round_s))
+        bar.set_description("timed rounds")
+
+        def on_round(rounds: int, elapsed: float) -> None:
+            bar.total = max(bar.total, 2 * count + rounds + (elapsed < args.min_run_time))
+            bar.update()
+
+        interleaved_rounds(runners, device, args.min_run_time, args.min_rounds, reps, on_round)
+        bar.total = bar.n
+    for runner in runners:
+        runner.reps = reps
+    return runners
+
+
+def notes_for(args: argparse.Namespace, runners: list[Runner], rows: list[dict]) -> list[str]:
+    from bench_report import memory_kind, plan_summary
+
+    device = torch.device(args.device)
+    first = rows[0]
+    notes = [
+        f"Memory for F-B loop: {memory_kind(device.type)}. Speedups are paired ratios: per round "
+        f"variant / baseline, median over {first['rounds']} interleaved rounds of "
+        f"{first['steps_per_round']} step(s) per variant. LoRA overhead recovered = "
+        "(PEFT+Inductor − variant) / (PEFT+Inductor − floor).",
+        f"Target modules: {' '.join(args.target_modules)}; alpha {args.lora_alpha:g}, dropout "
+        f"{args.lora_dropout:g}, runlora inner compiler {args.inner}.",
+    ]
+    if device.type == "cpu" and args.profile_memory:
+        peaks = ", ".join(f"{r['label']} {r['profiler_peak_mb']:.1f}" for r in rows)
+        notes.append(f"Profiler peak per step, MB: {peaks}.")
+    notes += plan_summary(runners)
+    losses = {r.variant.label: r.first_loss for r in runners if r.variant.name != "floor"}
+    if len(losses) > 1 and args.lora_dropout == 0:
+        spread = max(losses.values()) - min(losses.values())
+        tolerance = 1e-3 if args.dtype == "fp32" else 5e-2
+        verdict = "agree" if spread <= tolerance * max(1.0, abs(first["first_loss"])) else "DISAGREE"
+        notes.append(f"First-step losses of the LoRA variants {verdict}: spread {spread:.2e} "
+                     f"({', '.join(f'{k} {v:.5f}' for k, v in losses.items())}).")
+    return notes
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, _ = parse_args(argv)
+    from bench_report import markdown_report, rows_for, write_chart, write_csv
+
+    torch.set_num_threads(args.threads)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.reset()
+    device = torch.device(args.device)
+    stem = Path(args.model_name_or_config).stem
+    title = (f"{stem} b={args.n_batch} s={args.seq_len} r={args.lora_r} {args.dtype} on {device.type}"
+             + (f" ({args.threads} threads)" if device.type == "cpu" else
+                f" ({torch.cuda.get_device_name(device)})"))
+    print(f"# {title}: variants {' '.join(args.variants)}, min_run_time {args.min_run_time:g} s",
+          flush=True)
+
+    runners = run(args)
+    rows = rows_for(runners, device.type, runners[0].reps)
+    report = markdown_report(title, rows, notes_for(args, runners, rows))
+    print(report, flush=True)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run_info = {"model": args.model_name_or_config, "n_batch": args.n_batch,
+                "seq_len": args.seq_len, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
+                "lora_dropout": args.lora_dropout, "dtype": args.dtype, "device": str(device),
+                "threads": args.threads, "inner": args.inner,
+                "target_modules": " ".join(args.target_modules)}
+    paths = {ext: Path(f"{out}.{ext}") for ext in ("csv", "md", "png")}  # "1.3b" is no suffix
+    write_csv(paths["csv"], rows, run_info)
+    paths["md"].write_text(report)
+    write_chart(paths["png"], title, rows)
+    print(f"wrote {out}.csv, {out}.md, {out}.png")
+    torch._dynamo.reset()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

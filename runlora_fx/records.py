@@ -1,0 +1,243 @@
+"""What the backend decided for one Dynamo graph, as plain JSON data, and the table made from it.
+
+One document per compiled graph is written as `sites.json`; `report.md`, `print(explain(...))`
+and `python -m runlora_fx.report` all render a document with `render()`, so they always agree.
+A document may hold several graphs (explain() on a model with graph breaks); every site and
+skipped record names its graph by Dynamo's compile id (as in TORCH_LOGS, e.g. "0/0").
+
+Costs are those of `cost.cost_of` for the LoRA linears alone (base matmul included), not the
+whole graph. "before" is the order eager PEFT computes (`plans.reference_plan`), "after" the
+chosen plans.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from runlora_fx.choose import Decision
+from runlora_fx.cost import Cost, cost_of
+from runlora_fx.plans import Plan, reference_plan
+from runlora_fx.site import LoraSite, SkippedSite
+
+if TYPE_CHECKING:
+    from runlora_fx.backend import GraphReport
+
+SCHEMA_VERSION = 1
+
+Record = dict[str, Any]
+COST_ROWS = (("flops", "FLOPs"), ("bytes_moved", "bytes moved"), ("saved_bytes", "saved for backward"))
+
+
+# ---- records -----------------------------------------------------------------------------------
+
+
+def plan_record(plan: Plan, cost: Cost) -> Record:
+    """A plan's choices (enum names, None where the site makes them irrelevant) and its cost."""
+    choices = {f.name: _enum_name(getattr(plan, f.name)) for f in dataclasses.fields(plan)}
+    return {"describe": plan.describe(), "plan": choices, "cost": dataclasses.asdict(cost)}
+
+
+def _enum_name(value: Any) -> str | None:
+    return None if value is None else value.name
+
+
+def site_fields(site: LoraSite) -> Record:
+    """Shapes and flags of a site: N (the hint when symbolic), n_symbolic, d_in, d_out, adapters
+    (r, dropout_p, scale, requires-grad flags each), dtype, bias and training flags."""
+    record = dataclasses.asdict(site)
+    record["dtype"] = str(site.dtype).removeprefix("torch.")
+    return record
+
+
+def site_record(decision: Decision, graph: str) -> Record:
+    site = decision.site
+    reference = reference_plan(site)
+    return {
+        "graph": graph,
+        **site_fields(site),
+        "criterion": decision.criterion,
+        "chosen": plan_record(decision.chosen.plan, decision.chosen.cost),
+        "reference": plan_record(reference, cost_of(reference, site)),
+        "candidates": [
+            {**plan_record(c.plan, c.cost), "chosen": c == decision.chosen}
+            for c in decision.candidates
+        ],
+    }
+
+
+def skipped_record(skipped: SkippedSite, graph: str) -> Record:
+    return {"graph": graph, **dataclasses.asdict(skipped)}
+
+
+def _percent(before: int, after: int) -> float | None:
+    return None if before == 0 else round(100.0 * (after - before) / before, 2)
+
+
+def totals(sites: Sequence[Record], skipped: Sequence[Record]) -> Record:
+    """Sums of the reference ("before") and chosen ("after") costs over the rewritten sites."""
+    before = {key: sum(s["reference"]["cost"][key] for s in sites) for key, _ in COST_ROWS}
+    after = {key: sum(s["chosen"]["cost"][key] for s in sites) for key, _ in COST_ROWS}
+    return {
+        "sites_found": len(sites) + len(skipped),
+        "sites_rewritten": len(sites),
+        "sites_skipped": len(skipped),
+        "before": before,
+        "after": after,
+        "change_pct": {key: _percent(before[key], after[key]) for key, _ in COST_ROWS},
+    }
+
+
+def compile_id() -> str | None:
+    """Dynamo's id of the graph being compiled ("frame/recompile", as TORCH_LOGS prints it)."""
+    current = torch._guards.CompileContext.current_compile_id()
+    return None if current is None else str(current)
+
+
+def _versions() -> Record:
+    try:
+        ours = importlib.metadata.version("runlora-fx")
+    except importlib.metadata.PackageNotFoundError:
+        ours = None
+    return {"runlora_fx": ours, "torch": torch.__version__}
+
+
+def document(reports: Iterable[tuple[str, GraphReport]], criterion: str) -> Record:
+    """The sites.json document of one or more graphs, each given as (graph name, report)."""
+    graphs, sites, skipped = [], [], []
+    for graph, report in reports:
+        graphs.append(graph)
+        sites += [site_record(d, graph) for d in report.decisions]
+        skipped += [skipped_record(s, graph) for s in report.skipped]
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "versions": _versions(),
+        "criterion": criterion,
+        "graphs": graphs,
+        "sites": sites,
+        "skipped": skipped,
+        "totals": totals(sites, skipped),
+    }
+
+
+def graph_name(report: GraphReport) -> str:
+    """The compile id when Dynamo is compiling, else the backend's own graph counter."""
+    return compile_id() or str(report.graph_id)
+
+
+# ---- rendering ---------------------------------------------------------------------------------
+
+
+def si(value: float, unit: str = "") -> str:
+    """1234567 → '1.23 M' (FLOPs)."""
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g} {prefix}{unit}"
+    return f"{value:g} {unit}".rstrip()
+
+
+def binary(value: float) -> str:
+    """1536 → '1.5 KiB' (bytes)."""
+    for factor, prefix in ((2**40, "Ti"), (2**30, "Gi"), (2**20, "Mi"), (2**10, "Ki")):
+        if abs(value) >= factor:
+            return f"{value / factor:.3g} {prefix}B"
+    return f"{value:g} B"
+
+
+def pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.1f}%"
+
+
+FORMAT = {"flops": si, "bytes_moved": binary, "saved_bytes": binary}
+
+
+def _cell(site: Record, key: str) -> str:
+    before, after = site["reference"]["cost"][key], site["chosen"]["cost"][key]
+    return f"{FORMAT[key](after)} ({pct(_percent(before, after))})"
+
+
+def _n(site: Record) -> str:
+    return str(site["n"]) if site["n_symbolic"] is None else f"{site['n']} ({site['n_symbolic']})"
+
+
+def _adapters(site: Record, key: str) -> str:
+    return "+".join(f"{a[key]:g}" for a in site["adapters"])
+
+
+def _row(cells: Iterable[object]) -> str:
+    return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]:
+    return [_row(header), _row("---" for _ in header), *(_row(r) for r in rows)]
+
+
+def render(doc: Mapping[str, Any], title: str | None = None) -> str:
+    """The markdown table of a sites.json document: one row per site, skipped sites, totals."""
+    many = len(doc["graphs"]) > 1
+    graphs = ", ".join(doc["graphs"]) or "none"
+    total = doc["totals"]
+    lines = [
+        f"## {title or 'runlora'} — graph {graphs}, criterion `{doc['criterion']}`",
+        "",
+        f"{total['sites_found']} LoRA sites found: {total['sites_rewritten']} rewritten, "
+        f"{total['sites_skipped']} skipped. Costs are the LoRA linears' (base matmul included), "
+        "with the change against the order eager PEFT runs.",
+        "",
+    ]
+    header = ["#", *(["graph"] if many else []), "site", "N", "d_in→d_out", "r", "dropout",
+              "chosen plan", "FLOPs", "saved for backward", "plans"]
+    rows = [
+        [
+            i, *([s["graph"]] if many else []), s["path"], _n(s), f"{s['d_in']}→{s['d_out']}",
+            _adapters(s, "r"), _adapters(s, "dropout_p"), s["chosen"]["describe"],
+            _cell(s, "flops"), _cell(s, "saved_bytes"), len(s["candidates"]),
+        ]
+        for i, s in enumerate(doc["sites"])
+    ]
+    if rows:
+        lines += _table(header, rows)
+    if doc["skipped"]:
+        lines += ["", "Left to plain Inductor:", ""]
+        skipped = [[*([s["graph"]] if many else []), s["path"], s["reason"]] for s in doc["skipped"]]
+        lines += _table([*(["graph"] if many else []), "site", "reason"], skipped)
+    lines += ["", "Totals over the rewritten sites:", ""]
+    lines += _table(
+        ["", "PEFT order", "chosen", "change"],
+        [
+            [label, FORMAT[key](total["before"][key]), FORMAT[key](total["after"][key]),
+             pct(total["change_pct"][key])]
+            for key, label in COST_ROWS
+        ],
+    )
+    return "\n".join(lines) + "\n"
+
+
+def summary_line(doc: Mapping[str, Any]) -> str:
+    """The one INFO line per compiled graph."""
+    total = doc["totals"]
+    change = total["change_pct"]
+    return (
+        f"runlora graph {', '.join(doc['graphs'])}: {total['sites_found']} LoRA sites found, "
+        f"{total['sites_rewritten']} rewritten, {total['sites_skipped']} skipped; "
+        f"FLOPs {pct(change['flops'])}, saved bytes {pct(change['saved_bytes'])} "
+        f"(vs the PEFT order, criterion {doc['criterion']})"
+    )
+
+
+def site_lines(doc: Mapping[str, Any]) -> list[str]:
+    """The DEBUG lines: one per site and per skipped site."""
+    lines = [
+        f"runlora graph {s['graph']} site {s['path']}: N={_n(s)} {s['d_in']}→{s['d_out']} "
+        f"r={_adapters(s, 'r')} p={_adapters(s, 'dropout_p')}: {s['chosen']['describe']} "
+        f"(FLOPs {_cell(s, 'flops')}, saved {_cell(s, 'saved_bytes')}, "
+        f"{len(s['candidates'])} candidates)"
+        for s in doc["sites"]
+    ]
+    lines += [f"runlora graph {s['graph']} skipped {s['path']}: {s['reason']}" for s in doc["skipped"]]
+    return lines
+

@@ -1,0 +1,107 @@
+"""Shared builders for the tests: tiny real models (HF Llama, PEFT), never mocks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test compiles from scratch and sees its graphs (no AOTAutograd cache hits)."""
+    torch._dynamo.reset()
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
+    torch._dynamo.reset()
+
+
+def tiny_llama_config(layers: int = 1, hidden: int = 32) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+    )
+
+
+def nonzero_lora_b(model: torch.nn.Module, seed: int = 0) -> None:
+    """PEFT zero-inits lora_B; make the LoRA path contribute so grads are meaningful."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+
+
+def peft_llama(layers: int = 1, hidden: int = 32, **lora: object) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ALL_TARGETS, **lora})
+    model = get_peft_model(LlamaForCausalLM(tiny_llama_config(layers, hidden)), config)
+    nonzero_lora_b(model)
+    return model
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_match(eager: torch.nn.Module, compiled: torch.nn.Module, tol: float) -> None:
+    expected, actual = grads(eager), grads(compiled)
+    assert expected.keys() == actual.keys()
+    assert expected, "no parameter received a gradient"
+    for name in expected:
+        assert rel_err(actual[name], expected[name]) <= tol, name
+
+
+def twin(model: torch.nn.Module) -> torch.nn.Module:
+    """An identical copy: PEFT draws lora_A from the global RNG, so never build twice."""
+    return copy.deepcopy(model)
+
+
+class PlainCompile:
+    """Plain torch.compile's partitioning (no rewrite), graphs run eagerly and recorded."""
+
+    def __init__(self) -> None:
+        from runlora_fx.backend import GraphReport
+
+        self.reports: list = []
+        self._report_type = GraphReport
+
+    def __call__(self, gm, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        from runlora_fx.backend import eager_inner
+
+        report = self._report_type(
+            len(self.reports), parameter_inputs=tuple(
+                isinstance(t, torch.nn.Parameter) for t in example_inputs
+            )
+        )
+        self.reports.append(report)
+
+        def inner(g, inputs, **kwargs):
+            setattr(report, "backward" if kwargs.get("is_backward") else "forward", g)
+            return eager_inner(g, inputs, **kwargs)
+
+        return compile_fx(gm, example_inputs, inner_compile=inner)
+
+
+@pytest.fixture
+def exact_dropout():
+    """Inductor draws dropout masks with eager's RNG (seeded per step), so masks match."""
+    with torch._inductor.config.patch(fallback_random=True):
+        yield

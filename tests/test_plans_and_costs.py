@@ -1,0 +1,148 @@
+"""Every plan is exact, and its counted cost is what FlopCounterMode counts when it runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from runlora_fx.choose import choose
+from runlora_fx.cost import cost_of
+from runlora_fx.execute import PlannedLoraLinear
+from runlora_fx.plans import Forward, GradB, Hidden, InputGrad, plans_for, reference_plan
+from runlora_fx.site import Adapter, LoraSite
+
+
+def make_site(
+    n=24, d_in=20, d_out=12, ranks=(3,), p=0.0, bias=True, x_grad=True, bias_grad=False,
+    scales=None,
+) -> LoraSite:
+    scales = scales or [2.0 / (k + 1) for k in range(len(ranks))]
+    adapters = tuple(Adapter(r, p, s, True, True) for r, s in zip(ranks, scales))
+    return LoraSite("site", n, d_in, d_out, adapters, torch.float64, bias, bias_grad, x_grad, True)
+
+
+SITES = {
+    "plain": make_site(),
+    "no-bias": make_site(bias=False),
+    "dropout": make_site(p=0.25),
+    "x-frozen": make_site(x_grad=False),
+    "two-adapters": make_site(ranks=(3, 5)),
+    "two-adapters-dropout": make_site(ranks=(2, 4), p=0.5),
+    "wide": make_site(n=4, d_in=40, d_out=36, ranks=(8,)),
+    "bias-grad": make_site(bias_grad=True),
+}
+
+
+def tensors_for(site: LoraSite, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, grad=False):
+        return torch.randn(*shape, generator=gen, dtype=site.dtype).requires_grad_(grad)
+
+    x = rand(2, site.n // 2, site.d_in, grad=site.x_requires_grad)
+    w = rand(site.d_out, site.d_in)
+    b = rand(site.d_out, grad=site.bias_requires_grad) if site.has_bias else None
+    a = [rand(ad.r, site.d_in, grad=True) for ad in site.adapters]
+    bb = [rand(site.d_out, ad.r, grad=True) for ad in site.adapters]
+    masks = [
+        (torch.rand(x.shape, generator=gen) >= ad.dropout_p).to(site.dtype) / (1 - ad.dropout_p)
+        for ad in site.adapters
+    ]
+    return x, w, b, a, bb, masks
+
+
+def reference(site, x, w, b, a, bb, masks):
+    """The math of DESIGN.md §1, as eager PEFT writes it."""
+    y = torch.nn.functional.linear(x, w, b)
+    for ad, a_k, b_k, m in zip(site.adapters, a, bb, masks):
+        xd = x * m if ad.dropout_p > 0 else x
+        y = y + (xd @ a_k.t() @ b_k.t()) * ad.scale
+    return y
+
+
+def run_plan(site, plan, x, w, b, a, bb, masks):
+    lora_inputs = [x * m if ad.dropout_p > 0 else None for ad, m in zip(site.adapters, masks)]
+    planned = PlannedLoraLinear("test_site", site, plan)
+    return planned(x, w, b, lora_inputs, a, bb, [ad.scale for ad in site.adapters])
+
+
+def leaves(x, b, a, bb):
+    return [t for t in (x, b, *a, *bb) if t is not None and t.requires_grad]
+
+
+@pytest.mark.parametrize("name", SITES)
+def test_every_plan_matches_the_reference_math(name):
+    site = SITES[name]
+    plans = plans_for(site)
+    assert reference_plan(site) in plans
+    inputs = tensors_for(site)
+    x, w, b, a, bb, masks = inputs
+    dy = torch.randn(*x.shape[:-1], site.d_out, dtype=site.dtype)
+    expected_y = reference(site, *inputs)
+    expected = torch.autograd.grad(expected_y, leaves(x, b, a, bb), dy)
+    for plan in plans:
+        y = run_plan(site, plan, *inputs)
+        got = torch.autograd.grad(y, leaves(x, b, a, bb), dy)
+        torch.testing.assert_close(y, expected_y, rtol=1e-10, atol=1e-10, msg=plan.describe())
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10, msg=plan.describe())
+
+
+@pytest.mark.parametrize("name", SITES)
+def test_counted_flops_equal_flop_counter(name):
+    site = SITES[name]
+    inputs = tensors_for(site)
+    x, w, b, a, bb, masks = inputs
+    dy = torch.randn(*x.shape[:-1], site.d_out, dtype=site.dtype)
+    for plan in plans_for(site):
+        y = run_plan(site, plan, *inputs)  # outside the counter: the masks' mul is not the plan's
+        with FlopCounterMode(display=False) as counter:
+            y = run_plan(site, plan, *inputs)
+            torch.autograd.grad(y, leaves(x, b, a, bb), dy)
+        assert counter.get_total_flops() == cost_of(plan, site).flops, plan.describe()
+
+
+def test_hand_computed_costs_of_the_reference_plan():
+    n, d_in, d_out, r = 24, 20, 12, 3
+    site = make_site(n, d_in, d_out, (r,))
+    cost = cost_of(reference_plan(site), site)
+    forward = 2 * n * d_in * d_out + 2 * n * d_in * r + 2 * n * r * d_out
+    backward = 2 * n * d_out * d_in + 2 * n * d_out * r * 2 + 2 * n * r * d_in * 2
+    assert cost.flops == forward + backward
+    assert cost.saved_bytes == (n * d_in + n * r) * 8  # x and h, float64
+
+
+def test_merging_is_never_offered_under_dropout():
+    for plan in plans_for(SITES["dropout"]):
+        assert plan.forward is Forward.SPLIT
+        assert plan.input_grad is InputGrad.SPLIT
+
+
+def test_plans_only_compute_required_grads():
+    for plan in plans_for(SITES["x-frozen"]):
+        assert plan.input_grad is None
+
+
+def test_choose_flops_prefers_merging_when_tokens_outnumber_features():
+    site = make_site(n=4096, d_in=256, d_out=256, ranks=(8,))
+    chosen = choose(site, "flops").chosen
+    assert chosen.plan.forward is Forward.MERGED
+    assert chosen.plan.input_grad is InputGrad.MERGED_RECOMPUTE  # keeping W_eff costs memory
+    assert chosen.plan.grad_b is GradB.VIA_H and chosen.plan.hidden is Hidden.RECOMPUTE
+    ref = cost_of(reference_plan(site), site)
+    assert chosen.cost.flops < ref.flops
+    assert chosen.cost.saved_bytes < ref.saved_bytes
+
+
+def test_choose_never_saves_more_than_peft():
+    for site in SITES.values():
+        for criterion in ("flops", "memory"):
+            decision = choose(site, criterion)
+            assert decision.chosen.cost.saved_bytes <= cost_of(reference_plan(site), site).saved_bytes
+
+
+def test_memory_criterion_minimises_saved_bytes():
+    site = make_site(n=4, d_in=40, d_out=36, ranks=(8,))
+    decision = choose(site, "memory")
+    assert decision.chosen.cost.saved_bytes == min(c.cost.saved_bytes for c in decision.candidates)
