@@ -3,7 +3,8 @@
 The RunLoRA paper's experiment (the seed's flags, same names and meaning), rerun as DESIGN.md §3
 says: same weights and batch for every variant, compile first (timed apart), then interleaved
 rounds until --min_run_time is spent, medians and paired ratios. With no arguments it runs the
-CPU-sized default (llama_20m, all 7 target modules, r 8, fp32, b 4, s 256) that `make bench` runs.
+CPU-sized default job (DEFAULT_JOB: llama_20m, all 7 target modules, r 8, fp32, b 4, s 256,
+60 s of rounds) that `make bench` runs; with any argument the seed's defaults apply.
 
     python experiments/model_exp.py -m configs/llama_60m.json --n_batch 4 --seq_len 256 -r 64
 """
@@ -15,7 +16,9 @@ import copy
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -46,6 +49,9 @@ REPO = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 ALL_TARGETS = ("q_proj", "v_proj", "k_proj", "o_proj", "up_proj", "down_proj", "gate_proj")
 ROUND_TARGET_S = 0.2  # each variant runs about this long per round (at least one step)
+# What runs with no arguments (`make bench`): a llama_20m step that takes about 1 s on 2 cores.
+DEFAULT_JOB = ["-m", str(REPO / "configs" / "llama_20m.json"), "--n_batch", "4", "--seq_len", "256",
+               "--min_run_time", "60"]
 
 
 def available_cores() -> int:
@@ -63,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("-m", "--model_name_or_config", default=str(REPO / "configs" / "llama_20m.json"),
         help="path to a config JSON, or the name of a model already in the local HF cache")
-    add("--n_batch", type=int, default=4, help="batch size")
+    add("--n_batch", type=int, default=10, help="batch size")
     add("--seq_len", type=int, default=None,
         help="sequence length (default: the config's max_sequence_length / max_position_embeddings)")
     add("-r", "--lora_r", type=int, default=8, help="rank of the LoRA adapters")
@@ -79,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
              "stands for one per --criterions (default: peft peft+inductor runlora floor)")
     add("--inner", default="inductor", choices=INNER_COMPILERS,
         help="compiler runlora hands its rewritten graphs to")
-    add("--min_run_time", type=float, default=60.0,
+    add("--min_run_time", type=float, default=10.0,
         help="seconds of interleaved timed rounds (after compiling)")
     add("--min_rounds", type=int, default=5, help="at least this many rounds")
     add("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
@@ -108,11 +114,7 @@ def expand_variants(args: argparse.Namespace) -> list[str]:
     return list(dict.fromkeys(expanded))  # drop repeats, keep order
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.ArgumentParser]:
-    """Parsed and validated arguments; every error exits with code 2 before anything compiles."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    error = parser.error
+def check_numbers(args: argparse.Namespace, error: Callable[[str], NoReturn]) -> None:
     if args.dtype not in DTYPES:
         error(f"--dtype {args.dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
     for flag, value in (("--lora_r", args.lora_r), ("--n_batch", args.n_batch),
@@ -122,15 +124,17 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
     if args.seq_len is not None and args.seq_len <= 0:
         error(f"--seq_len must be a positive integer, got {args.seq_len}")
     if args.lora_alpha <= 0:
-        error(f"--lora_alpha must be positive, got {args.lora_alpha}")
+        error(f"--lora_alpha must be positive, got {args.lora_alpha:g}")
     if not 0.0 <= args.lora_dropout < 1.0:
-        error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+        error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout:g}")
     if args.min_run_time < 0:
-        error(f"--min_run_time must not be negative, got {args.min_run_time}")
-    targets = [t for t in args.target_modules if t.strip()]
-    if not targets:
+        error(f"--min_run_time must not be negative, got {args.min_run_time:g}")
+
+
+def check_names(args: argparse.Namespace, error: Callable[[str], NoReturn]) -> None:
+    args.target_modules = [t for t in args.target_modules if t.strip()]
+    if not args.target_modules:
         error("--target_modules is empty: name at least one module, e.g. q_proj v_proj")
-    args.target_modules = targets
     for criterion in args.criterions:
         if criterion not in CRITERIA:
             error(f"unknown criterion {criterion!r}; valid: {', '.join(CRITERIA)}")
@@ -149,6 +153,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
         error(f"--device {args.device!r}: only cpu and cuda are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
         error(f"--device {args.device}: CUDA is not available in this torch ({torch.__version__})")
+
+
+def check_model(args: argparse.Namespace, error: Callable[[str], NoReturn]) -> None:
+    """Load the config and check the target modules on a weightless (meta) copy of the model."""
+    from transformers import AutoModelForCausalLM
+
     try:
         args.config = load_config(args.model_name_or_config)
     except (OSError, ValueError) as why:
@@ -157,16 +167,23 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, argparse.Arg
     max_len = getattr(args.config, "max_sequence_length", None) or args.config.max_position_embeddings
     args.seq_len = args.seq_len or max_len
     with torch.device("meta"):
-        from transformers import AutoModelForCausalLM
-
         skeleton = AutoModelForCausalLM.from_config(args.config)
     missing = missing_targets(skeleton, args.target_modules)
     if missing:
         error(f"--target_modules {' '.join(missing)} match no module of {args.model_name_or_config}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parsed and validated arguments; every error exits with code 2 before anything compiles."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_numbers(args, parser.error)
+    check_names(args, parser.error)
+    check_model(args, parser.error)
     if args.out is None:
-        stem = Path(args.model_name_or_config).stem
-        args.out = str(Path("bench-out") / f"{stem}_b{args.n_batch}_s{args.seq_len}_r{args.lora_r}_{args.dtype}")
-    return args, parser
+        name = f"{Path(args.model_name_or_config).stem}_b{args.n_batch}_s{args.seq_len}"
+        args.out = str(Path("bench-out") / f"{name}_r{args.lora_r}_{args.dtype}")
+    return args
 
 
 def prepare(args: argparse.Namespace, device: torch.device) -> list[Runner]:
@@ -236,15 +253,19 @@ def notes_for(args: argparse.Namespace, runners: list[Runner], rows: list[dict])
     losses = {r.variant.label: r.first_loss for r in runners if r.variant.name != "floor"}
     if len(losses) > 1 and args.lora_dropout == 0:
         spread = max(losses.values()) - min(losses.values())
-        tolerance = 1e-3 if args.dtype == "fp32" else 5e-2
-        verdict = "agree" if spread <= tolerance * max(1.0, abs(first["first_loss"])) else "DISAGREE"
+        tolerance = (1e-3 if args.dtype == "fp32" else 5e-2) * max(1.0, *map(abs, losses.values()))
+        verdict = "agree" if spread <= tolerance else "DISAGREE"
         notes.append(f"First-step losses of the LoRA variants {verdict}: spread {spread:.2e} "
                      f"({', '.join(f'{k} {v:.5f}' for k, v in losses.items())}).")
     return notes
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, _ = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print(f"no arguments: running the default job {' '.join(DEFAULT_JOB)}", flush=True)
+        argv = DEFAULT_JOB
+    args = parse_args(argv)
     from bench_report import markdown_report, rows_for, write_chart, write_csv
 
     torch.set_num_threads(args.threads)

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# GPU check of the benchmark CLI: the RunLoRA paper's three headline configurations in bf16 on one
+# GPU (sized for an H200, 139 GiB), within about 8 minutes in all.
+#
+#   experiments/gpu_check.sh OUT_DIR          # run from the repository root
+#
+#   llama_60m  b=64 r=8   s=1024  peft, peft+inductor, runlora:flops, floor
+#   llama_250m b=58 r=128 s=1024  peft, peft+inductor, runlora:flops
+#   llama_1.3b b=24 r=512 s=1024  peft, peft+inductor, runlora:flops
+#
+# Trimmed to fit: 15 s of timed rounds per configuration (the seed used 20 s per implementation),
+# and the floor only on 60m (each Inductor compile of a 24-layer step costs about a minute).
+# Every run gets a timeout so that one slow compile cannot eat the others' time; time a run does
+# not use passes to the next. Set GPU_CHECK_FLOOR=1 to add the floor to 250m and 1.3b too
+# (about two minutes more), GPU_CHECK_BUDGET_S to change the 480 s budget.
+#
+# Writes three files to OUT_DIR (few files, so that a remote runner brings all of them back):
+#   tables.md    every configuration's table, with the environment and any run that failed
+#   results.csv  every configuration's CSV rows, one header
+#   runs.tar.gz  per configuration: the .csv, .md, .png and the full log
+#
+# Assumes: a Python (first of $PYTHON, python3, .venv/bin/python whose torch sees CUDA) with a
+# CUDA build of torch 2.13 and transformers>=5, peft>=0.21, matplotlib, tqdm and networkx
+# installed; no network is needed. The runlora_fx package need not be installed: the repository
+# root is put on PYTHONPATH. Inductor caches compiled kernels under /tmp (torch's default).
+set -euo pipefail
+
+OUT=${1:?usage: experiments/gpu_check.sh OUT_DIR (run from the repository root)}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
+MIN_RUN_TIME=${GPU_CHECK_MIN_RUN_TIME:-15}
+TARGETS="q_proj v_proj k_proj o_proj up_proj down_proj gate_proj"
+LARGE_VARIANTS="peft peft+inductor runlora:flops"
+[[ ${GPU_CHECK_FLOOR:-0} == 1 ]] && LARGE_VARIANTS="$LARGE_VARIANTS floor"
+
+if [[ ! -f experiments/model_exp.py ]]; then
+  echo "gpu_check: run me from the repository root (experiments/model_exp.py not found)" >&2
+  exit 2
+fi
+
+PY=""
+for candidate in ${PYTHON:-} python3 .venv/bin/python; do
+  if command -v "$candidate" >/dev/null 2>&1 &&
+     "$candidate" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    PY=$candidate
+    break
+  fi
+done
+if [[ -z $PY ]]; then
+  echo "gpu_check: no Python with a CUDA-enabled torch found (tried ${PYTHON:-} python3 .venv/bin/python)" >&2
+  exit 2
+fi
+if ! "$PY" -c "import transformers, peft, matplotlib, tqdm, networkx" 2>/dev/null; then
+  echo "gpu_check: $PY lacks one of transformers, peft, matplotlib, tqdm, networkx" >&2
+  exit 2
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+mkdir -p "$OUT"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+# name | share of the budget (s) | arguments
+RUNS=(
+  "llama_60m_b64_r8|130|-m configs/llama_60m.json --n_batch 64 -r 8"
+  "llama_250m_b58_r128|160|-m configs/llama_250m.json --n_batch 58 -r 128 --variants $LARGE_VARIANTS"
+  "llama_1.3b_b24_r512|190|-m configs/llama_1.3b.json --n_batch 24 -r 512 --variants $LARGE_VARIANTS"
+)
+
+{
+  echo "# gpu_check $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo
+  "$PY" -c "import torch, transformers, peft; print(f'- {torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}')"
+  echo "- bf16, seq_len 1024, all 7 target modules, alpha 8, dropout 0, min_run_time ${MIN_RUN_TIME} s, budget ${BUDGET_S} s"
+  echo
+} >"$WORK/tables.md"
+
+deadline=$(($(date +%s) + BUDGET_S))
+later_shares=0  # the shares of the runs after the current one: kept for them
+for run in "${RUNS[@]}"; do
+  IFS='|' read -r _ share _ <<<"$run"
+  later_shares=$((later_shares + share))
+done
+
+for run in "${RUNS[@]}"; do
+  IFS='|' read -r name share args <<<"$run"
+  later_shares=$((later_shares - share))
+  limit=$((deadline - $(date +%s) - later_shares))
+  if ((limit < 30)); then
+    echo "- $name: skipped, only ${limit} s of the budget left" | tee -a "$WORK/tables.md"
+    continue
+  fi
+  echo "gpu_check: $name (timeout ${limit} s)"
+  # shellcheck disable=SC2086  # word splitting of $args and $TARGETS is intended
+  if timeout --kill-after=10 "$limit" "$PY" experiments/model_exp.py $args \
+      --dtype bf16 --seq_len 1024 --target_modules $TARGETS --criterions flops \
+      --min_run_time "$MIN_RUN_TIME" --min_rounds 5 --device cuda \
+      -o "$WORK/$name" >"$WORK/$name.log" 2>&1; then
+    cat "$WORK/$name.md" >>"$WORK/tables.md"
+    if [[ -f $WORK/results.csv ]]; then
+      tail -n +2 "$WORK/$name.csv" >>"$WORK/results.csv"
+    else
+      cp "$WORK/$name.csv" "$WORK/results.csv"
+    fi
+  else
+    status=$?
+    reason="exit $status"
+    ((status == 124 || status == 137)) && reason="timed out after ${limit} s"
+    { echo "### $name: FAILED ($reason); last lines of its log:"; echo '```';
+      tail -n 15 "$WORK/$name.log" | tr '\r' '\n' | tail -n 15; echo '```'; echo; } >>"$WORK/tables.md"
+  fi
+  echo >>"$WORK/tables.md"
+done
+
+cp "$WORK/tables.md" "$OUT/tables.md"
+[[ -f $WORK/results.csv ]] && cp "$WORK/results.csv" "$OUT/results.csv"
+tar -czf "$OUT/runs.tar.gz" -C "$WORK" --exclude=tables.md --exclude=results.csv .
+cat "$OUT/tables.md"
+echo "gpu_check: wrote $OUT/tables.md, $OUT/results.csv, $OUT/runs.tar.gz"

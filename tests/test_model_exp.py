@@ -1,0 +1,239 @@
+"""The benchmark CLI `experiments/model_exp.py`: end to end on a tiny Llama, argument checks, and
+the statistics behind the table.
+
+The end-to-end run compiles two tiny graphs with Inductor (PEFT+Inductor and the floor) and
+runs runlora with its eager inner compiler: about half a minute on two cores. The argument
+checks call `main` in-process with the run stubbed out, so nothing builds or compiles.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "experiments" / "model_exp.py"
+TARGETS = ["q_proj", "v_proj", "k_proj", "o_proj", "up_proj", "down_proj", "gate_proj"]
+TINY = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "vocab_size": 128,
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-6,
+    "use_cache": False,
+    "tie_word_embeddings": False,
+}
+VARIANTS = ["peft", "peft+inductor", "runlora:flops", "floor"]
+LABELS = ["PEFT", "PEFT+Inductor", "RunLoRA (flops)", "Floor+Inductor"]
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location("model_exp", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_tiny(folder: Path, name: str = "tiny.json") -> Path:
+    path = folder / name
+    path.write_text(json.dumps(TINY))
+    return path
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    config = write_tiny(folder)
+    out = folder / "res_1.3b"  # a dot in the prefix must not be taken for a suffix
+    command = [
+        sys.executable, str(SCRIPT), "-m", str(config), "--n_batch", "2", "--seq_len", "16",
+        "-r", "4", "--dtype", "fp32", "--target_modules", *TARGETS, "--criterions", "flops",
+        "--inner", "eager", "--min_run_time", "1", "--min_rounds", "3", "-o", str(out),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    return result, out
+
+
+def test_e2e_exits_cleanly_and_prints_the_table(e2e):
+    result, _ = e2e
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "| Implementation | F-B loop, ms (median) |" in out
+    for column in ("Speedup vs PEFT, %", "Speedup vs PEFT+Inductor, %", "Memory saved, MB",
+                   "LoRA overhead recovered, %", "Memory for F-B loop, MB"):
+        assert column in out
+    for label in LABELS:
+        assert f"| {label} |" in out
+    assert "7 sites rewritten" in out  # runlora really ran through the backend
+    assert "First-step losses of the LoRA variants agree" in out
+
+
+def test_e2e_writes_csv_with_a_row_per_variant(e2e):
+    result, out = e2e
+    assert result.returncode == 0, result.stderr[-3000:]
+    with Path(f"{out}.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["variant"] for row in rows] == VARIANTS
+    by_variant = {row["variant"]: row for row in rows}
+    for row in rows:
+        assert float(row["median_ms"]) > 0
+        assert float(row["p25_ms"]) <= float(row["median_ms"]) <= float(row["p75_ms"])
+        assert int(row["rounds"]) >= 3
+        assert float(row["saved_activations_mb"]) > 0
+        assert row["model"].endswith("tiny.json") and row["lora_r"] == "4"
+    assert float(by_variant["peft"]["speedup_vs_peft_pct"]) == 0.0
+    assert float(by_variant["peft+inductor"]["speedup_vs_peft_inductor_pct"]) == 0.0
+    assert by_variant["runlora:flops"]["sites_rewritten"] == "7"
+    # no adapters, no h: the floor saves less for backward than PEFT
+    assert float(by_variant["floor"]["memory_saved_mb"]) > 0
+
+
+def test_e2e_writes_markdown_and_chart(e2e):
+    result, out = e2e
+    assert result.returncode == 0, result.stderr[-3000:]
+    markdown = Path(f"{out}.md").read_text()
+    assert markdown.startswith("### tiny b=2 s=16 r=4 fp32 on cpu")
+    assert sum(f"| {label} |" in markdown for label in LABELS) == len(LABELS)
+    assert Path(f"{out}.png").read_bytes().startswith(b"\x89PNG")
+
+
+# ---------------------------------------------------------------- arguments
+
+
+class RunCalled(Exception):
+    """Raised by the stubbed run: the arguments passed validation."""
+
+
+@pytest.fixture
+def cli(monkeypatch):
+    module = load_cli()
+
+    def refuse(args):
+        raise RunCalled(args)
+
+    monkeypatch.setattr(module, "run", refuse)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--dtype", "fp64"], "--dtype 'fp64' is not supported; choose one of fp32, bf16, fp16"),
+        (["-r", "0"], "--lora_r must be a positive integer, got 0"),
+        (["--lora_r", "-8"], "--lora_r must be a positive integer, got -8"),
+        (["--n_batch", "0"], "--n_batch must be a positive integer"),
+        (["--target_modules"], "--target_modules: expected at least one argument"),
+        (["--target_modules", ""], "--target_modules is empty"),
+        (["--target_modules", "qproj"], "--target_modules qproj match no module"),
+        (["--criterions", "speed"], "unknown criterion 'speed'; valid: flops"),
+        (["--variants", "peft", "turbo"], "unknown variant 'turbo'; valid: peft, peft+inductor"),
+        (["--variants", "runlora:speed"], "unknown criterion 'speed' in variant 'runlora:speed'"),
+        (["-d", "1.5"], "--lora_dropout must be in [0, 1), got 1.5"),
+        (["-a", "0"], "--lora_alpha must be positive"),
+        (["--inner", "tvm"], "argument --inner: invalid choice: 'tvm'"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_clear_message(cli, tmp_path, capsys, extra, message):
+    config = write_tiny(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["-m", str(config), *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_config_exits_2(cli, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["-m", str(tmp_path / "absent.json")])
+    assert exit_info.value.code == 2
+    assert "is neither a config file nor a model in the local HF cache" in capsys.readouterr().err
+
+
+def test_bad_arguments_exit_2_as_a_process(tmp_path):
+    config = write_tiny(tmp_path)
+    command = [sys.executable, str(SCRIPT), "-m", str(config), "--criterions", "speed"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 2
+    assert "usage:" in result.stderr and "unknown criterion 'speed'" in result.stderr
+
+
+def test_every_criterion_is_accepted_and_runlora_expands(cli, tmp_path):
+    import runlora_fx
+
+    config = write_tiny(tmp_path)
+    criteria = list(runlora_fx.CRITERIA)
+    with pytest.raises(RunCalled) as called:
+        cli.main(["-m", str(config), "--criterions", *criteria, "--variants", "floor", "runlora"])
+    args = called.value.args[0]
+    assert args.variants == ["floor", *(f"runlora:{c}" for c in criteria)]
+    assert args.seq_len == TINY["max_position_embeddings"]  # the seed's default: the config's
+
+
+def test_no_arguments_run_the_cpu_default_job(cli):
+    with pytest.raises(RunCalled) as called:
+        cli.main([])
+    args = called.value.args[0]
+    assert Path(args.model_name_or_config).name == "llama_20m.json"
+    assert (args.n_batch, args.seq_len, args.lora_r, args.dtype) == (4, 256, 8, "fp32")
+    assert args.target_modules == TARGETS and args.criterions == ["flops"]
+    assert args.variants == VARIANTS
+    assert args.min_run_time == 60
+    assert args.out.endswith("llama_20m_b4_s256_r8_fp32")
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def fake_runner(name: str, times_ms: list[float], saved_mb: float):
+    sys.path.insert(0, str(SCRIPT.parent))
+    from bench_lib import Runner, Variant
+
+    runner = Runner(Variant(name), step=lambda: None, storages=set())
+    runner.times = [t / 1e3 for t in times_ms]
+    runner.saved_bytes = int(saved_mb * 2**20)
+    return runner
+
+
+def test_rows_use_paired_ratios_and_overhead_recovered():
+    sys.path.insert(0, str(SCRIPT.parent))
+    from bench_report import markdown_table, rows_for
+
+    # Round 2 is a machine-wide slow-down: paired ratios cancel it, medians of times do not.
+    runners = [
+        fake_runner("peft", [120, 240, 120], 10),
+        fake_runner("peft+inductor", [100, 200, 100], 10),
+        fake_runner("runlora:flops", [95, 190, 95], 9),
+        fake_runner("floor", [90, 180, 90], 8),
+    ]
+    rows = {row["variant"]: row for row in rows_for(runners, "cpu", reps=1)}
+    runlora = rows["runlora:flops"]
+    assert runlora["ratio_vs_peft_inductor"] == pytest.approx(0.95)
+    assert runlora["speedup_vs_peft_pct"] == pytest.approx((1 - 95 / 120) * 100)
+    assert runlora["overhead_recovered_pct"] == pytest.approx(50.0)
+    assert runlora["memory_saved_mb"] == pytest.approx(1.0)
+    assert rows["peft"]["overhead_recovered_pct"] == pytest.approx(-200.0)
+    table = markdown_table(list(rows.values()))
+    assert "| RunLoRA (flops) | 95.00 | 95.00–142.50 | 9.00 | +20.8 | +5.0 | 1.00 | +50.0 |" in table
+    assert "| Floor+Inductor |" in table and table.count("\n") == 5
+
+
+def test_rows_without_baselines_show_dashes():
+    sys.path.insert(0, str(SCRIPT.parent))
+    from bench_report import markdown_table, rows_for
+
+    rows = rows_for([fake_runner("runlora:flops", [95, 96], 9)], "cpu", reps=1)
+    line = markdown_table(rows).splitlines()[-1]
+    assert line.startswith("| RunLoRA (flops) | 95.50 |") and line.count(" - ") == 5
