@@ -134,7 +134,8 @@ class DebugOutput:
     def start(self, report: GraphReport, gm: fx.GraphModule) -> GraphDebug:
         folder = claim_graph_folder(self.root) if self.root is not None else None
         graph = GraphDebug(report, self.criterion, folder)
-        report.on_partition.append(graph.partitioned)
+        if folder is not None:
+            report.on_partition.append(graph.partitioned)
         graph.planned(gm)
         return graph
 

@@ -72,13 +72,17 @@ class Explanation:
 @contextlib.contextmanager
 def _automatic_dynamic_restored() -> Iterator[None]:
     """Put Dynamo's per-frame record of seen shapes back as it was (it keys on the code object,
-    not on the compile call, so the isolated region alone does not protect it)."""
+    not on the compile call, so the isolated region alone does not protect it), and keep it out
+    of a persistent profile-guided (PGO) record when one is configured."""
     from torch._dynamo import pgo
 
-    state = pgo.get_code_state()
+    state = pgo.get_code_state()  # loads a persistent profile first, as a compile would
     saved = copy.deepcopy(dict(state))
     try:
-        yield
+        with torch._dynamo.config.patch(
+            automatic_dynamic_local_pgo=False, automatic_dynamic_remote_pgo=False
+        ):
+            yield
     finally:
         state.clear()
         state.update(saved)

@@ -1,4 +1,4 @@
-"""What the backend decided for one Dynamo graph, as plain JSON data, and the table made from it.
+"""What the backend decided for each Dynamo graph, as plain JSON data, and the table made of it.
 
 One document per compiled graph is written as `sites.json`; `report.md`, `print(explain(...))`
 and `python -m runlora_fx.report` all render a document with `render()`, so they always agree.
@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 
 Record = dict[str, Any]
-COST_ROWS = (("flops", "FLOPs"), ("bytes_moved", "bytes moved"), ("saved_bytes", "saved for backward"))
+COST_ROWS = (
+    ("flops", "FLOPs"), ("bytes_moved", "bytes moved"), ("saved_bytes", "saved for backward")
+)
 
 
 # ---- records -----------------------------------------------------------------------------------
@@ -176,44 +178,50 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]
     return [_row(header), _row("---" for _ in header), *(_row(r) for r in rows)]
 
 
+def _site_row(i: int, site: Record) -> list[object]:
+    return [
+        i, site["path"], _n(site), f"{site['d_in']}→{site['d_out']}", _adapters(site, "r"),
+        _adapters(site, "dropout_p"), site["chosen"]["describe"], _cell(site, "flops"),
+        _cell(site, "saved_bytes"), len(site["candidates"]),
+    ]
+
+
+SITE_HEADER = ("#", "site", "N", "d_in→d_out", "r", "dropout", "chosen plan", "FLOPs",
+               "saved for backward", "plans")
+
+
 def render(doc: Mapping[str, Any], title: str | None = None) -> str:
-    """The markdown table of a sites.json document: one row per site, skipped sites, totals."""
+    """The markdown table of a sites.json document: one row per site, skipped sites, totals.
+    A graph column appears when the document holds several graphs."""
     many = len(doc["graphs"]) > 1
-    graphs = ", ".join(doc["graphs"]) or "none"
+
+    def with_graph(record: Record, cells: list[object]) -> list[object]:
+        return [*cells[:1], record["graph"], *cells[1:]] if many else cells
+
     total = doc["totals"]
     lines = [
-        f"## {title or 'runlora'} — graph {graphs}, criterion `{doc['criterion']}`",
+        f"## {title or 'runlora'} — graph {', '.join(doc['graphs']) or 'none'}, "
+        f"criterion `{doc['criterion']}`",
         "",
         f"{total['sites_found']} LoRA sites found: {total['sites_rewritten']} rewritten, "
         f"{total['sites_skipped']} skipped. Costs are the LoRA linears' (base matmul included), "
         "with the change against the order eager PEFT runs.",
-        "",
     ]
-    header = ["#", *(["graph"] if many else []), "site", "N", "d_in→d_out", "r", "dropout",
-              "chosen plan", "FLOPs", "saved for backward", "plans"]
-    rows = [
-        [
-            i, *([s["graph"]] if many else []), s["path"], _n(s), f"{s['d_in']}→{s['d_out']}",
-            _adapters(s, "r"), _adapters(s, "dropout_p"), s["chosen"]["describe"],
-            _cell(s, "flops"), _cell(s, "saved_bytes"), len(s["candidates"]),
-        ]
-        for i, s in enumerate(doc["sites"])
-    ]
-    if rows:
-        lines += _table(header, rows)
+    if doc["sites"]:
+        header = with_graph({"graph": "graph"}, list(SITE_HEADER))
+        rows = [with_graph(s, _site_row(i, s)) for i, s in enumerate(doc["sites"])]
+        lines += ["", *_table(header, rows)]
     if doc["skipped"]:
-        lines += ["", "Left to plain Inductor:", ""]
-        skipped = [[*([s["graph"]] if many else []), s["path"], s["reason"]] for s in doc["skipped"]]
-        lines += _table([*(["graph"] if many else []), "site", "reason"], skipped)
+        header = with_graph({"graph": "graph"}, ["#", "site", "reason"])
+        rows = [with_graph(s, [i, s["path"], s["reason"]]) for i, s in enumerate(doc["skipped"])]
+        lines += ["", "Left to plain Inductor:", "", *_table(header, rows)]
+    totals_rows = [
+        [label, FORMAT[key](total["before"][key]), FORMAT[key](total["after"][key]),
+         pct(total["change_pct"][key])]
+        for key, label in COST_ROWS
+    ]
     lines += ["", "Totals over the rewritten sites:", ""]
-    lines += _table(
-        ["", "PEFT order", "chosen", "change"],
-        [
-            [label, FORMAT[key](total["before"][key]), FORMAT[key](total["after"][key]),
-             pct(total["change_pct"][key])]
-            for key, label in COST_ROWS
-        ],
-    )
+    lines += _table(["", "PEFT order", "chosen", "change"], totals_rows)
     return "\n".join(lines) + "\n"
 
 
@@ -238,6 +246,8 @@ def site_lines(doc: Mapping[str, Any]) -> list[str]:
         f"{len(s['candidates'])} candidates)"
         for s in doc["sites"]
     ]
-    lines += [f"runlora graph {s['graph']} skipped {s['path']}: {s['reason']}" for s in doc["skipped"]]
+    lines += [
+        f"runlora graph {s['graph']} skipped {s['path']}: {s['reason']}" for s in doc["skipped"]
+    ]
     return lines
 
