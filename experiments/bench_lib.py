@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -24,7 +25,7 @@ VARIANT_KINDS = ("peft", "peft+inductor", "floor")  # plus runlora:<criterion>
 
 @dataclass(frozen=True)
 class Variant:
-    """One implementation in the table: `peft`, `peft+inductor`, `floor` or `runlora:<criterion>`."""
+    """An implementation in the table: `peft`, `peft+inductor`, `floor`, `runlora:<criterion>`."""
 
     name: str
 
@@ -62,10 +63,15 @@ class LoraSpec:
     target_modules: tuple[str, ...]
 
 
+def is_target(path: str, targets: Sequence[str]) -> bool:
+    """PEFT's rule for a list of names: a module is targeted when its path ends with one."""
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
 def missing_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
-    """Target names that match no module (PEFT matches a name against a module path's suffix)."""
-    names = [name for name, _ in model.named_modules()]
-    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    """Target names that match no module of `model`."""
+    paths = [path for path, _ in model.named_modules()]
+    return [t for t in targets if not any(is_target(path, [t]) for path in paths)]
 
 
 def build_base(config, dtype: torch.dtype, device: torch.device, seed: int) -> nn.Module:
@@ -73,7 +79,8 @@ def build_base(config, dtype: torch.dtype, device: torch.device, seed: int) -> n
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with device:  # initialise on the device: a 1.3b model inits slowly on the CPU
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.config.use_cache = False
     model.to(device).train()
     model.requires_grad_(False)
@@ -127,13 +134,15 @@ def make_floor(base: nn.Module, targets: Sequence[str]) -> nn.Module:
     param = next(base.parameters())
     anchor = GradAnchor(param.dtype, param.device)
     base.runlora_grad_anchor = anchor  # a submodule, so zero_grad() clears its grad
-    for name, module in base.named_modules():
-        if any(name == t or name.endswith("." + t) for t in targets):
+    for path, module in base.named_modules():
+        if is_target(path, targets):
             module.register_forward_hook(anchor.hook)
     return base
 
 
-def compile_variant(variant: Variant, model: nn.Module, inner: str) -> tuple[nn.Module, Backend | None]:
+def compile_variant(
+    variant: Variant, model: nn.Module, inner: str
+) -> tuple[nn.Module, Backend | None]:
     """The callable a variant runs, and the runlora backend whose reports it fills (or None)."""
     if variant.name == "peft":
         return model, None
@@ -152,7 +161,9 @@ class Batch:
     labels: torch.Tensor
 
 
-def make_batch(vocab_size: int, n_batch: int, seq_len: int, device: torch.device, seed: int) -> Batch:
+def make_batch(
+    vocab_size: int, n_batch: int, seq_len: int, device: torch.device, seed: int
+) -> Batch:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (n_batch, seq_len), generator=generator)
     return Batch(ids.to(device), ids.clone().to(device))
@@ -224,6 +235,28 @@ def profiler_peak_bytes(step: Callable[[], torch.Tensor]) -> int | None:
 
 
 # ---------------------------------------------------------------- timing
+
+
+@dataclass
+class TimeLimit:
+    """`--time_limit`: skip a variant whose compile would not fit, cut the rounds short.
+
+    A variant is compiled only when, after a compile as long as the longest so far, a reserve
+    (15 % of the limit, at least 10 s) is still left for the memory step and the rounds.
+    """
+
+    seconds: float | None  # None: no limit
+    start: float = field(default_factory=time.perf_counter)
+
+    def left(self) -> float:
+        if self.seconds is None:
+            return math.inf
+        return self.seconds - (time.perf_counter() - self.start)
+
+    def fits_compile(self, longest_compile_s: float) -> bool:
+        if self.seconds is None:
+            return True
+        return self.left() - longest_compile_s > max(0.15 * self.seconds, 10.0)
 
 
 @dataclass

@@ -49,12 +49,17 @@ def memory_kind(device_type: str) -> str:
     return "saved-for-backward activations per step (weights excluded)"
 
 
+def _memory(runner: Runner, device_type: str) -> int | None:
+    return runner.cuda_peak if device_type == "cuda" else runner.saved_bytes
+
+
 def _ratio_to(runner: Runner, by_name: dict[str, Runner], baseline: str) -> float:
     base = by_name.get(baseline)
     return paired_ratio(runner.times, base.times) if base is not None else float("nan")
 
 
-def rows_for(runners: Sequence[Runner], device_type: str, reps: int) -> list[dict]:
+def rows_for(runners: Sequence[Runner], device_type: str) -> list[dict]:
+    """One row per runner: time statistics, paired ratios, memory, and what runlora rewrote."""
     by_name = {r.variant.name: r for r in runners}
     floor = by_name.get("floor")
     floor_ratio = _ratio_to(floor, by_name, "peft+inductor") if floor else float("nan")
@@ -62,8 +67,8 @@ def rows_for(runners: Sequence[Runner], device_type: str, reps: int) -> list[dic
     rows = []
     for runner in runners:
         times_ms = [t * 1e3 for t in runner.times]
-        memory = runner.cuda_peak if device_type == "cuda" else runner.saved_bytes
-        peft_memory = (peft.cuda_peak if device_type == "cuda" else peft.saved_bytes) if peft else None
+        memory = _memory(runner, device_type)
+        peft_memory = _memory(peft, device_type) if peft else None
         vs_peft = _ratio_to(runner, by_name, "peft")
         vs_inductor = _ratio_to(runner, by_name, "peft+inductor")
         recovered = float("nan")
@@ -79,7 +84,7 @@ def rows_for(runners: Sequence[Runner], device_type: str, reps: int) -> list[dic
             "min_ms": min(times_ms),
             "mean_ms": statistics.fmean(times_ms),
             "rounds": len(times_ms),
-            "steps_per_round": reps,
+            "steps_per_round": runner.reps,
             "compile_s": runner.compile_s,
             "first_loss": runner.first_loss,
             "memory_mb": _mb(memory),
@@ -87,7 +92,7 @@ def rows_for(runners: Sequence[Runner], device_type: str, reps: int) -> list[dic
             "saved_activations_mb": _mb(runner.saved_bytes),
             "profiler_peak_mb": _mb(runner.profiler_peak),
             "cuda_peak_mb": _mb(runner.cuda_peak),
-            "memory_saved_mb": _mb(peft_memory) - _mb(memory) if peft_memory is not None else math.nan,
+            "memory_saved_mb": _mb(peft_memory) - _mb(memory),
             "ratio_vs_peft": vs_peft,
             "speedup_vs_peft_pct": (1 - vs_peft) * 100,
             "ratio_vs_peft_inductor": vs_inductor,

@@ -4,14 +4,15 @@
 #
 #   experiments/gpu_check.sh OUT_DIR          # run from the repository root
 #
-#   llama_60m  b=64 r=8   s=1024  peft, peft+inductor, runlora:flops, floor
-#   llama_250m b=58 r=128 s=1024  peft, peft+inductor, runlora:flops
-#   llama_1.3b b=24 r=512 s=1024  peft, peft+inductor, runlora:flops
+#   llama_60m  b=64 r=8   s=1024  peft, runlora:flops, peft+inductor, floor
+#   llama_250m b=58 r=128 s=1024  peft, runlora:flops, peft+inductor
+#   llama_1.3b b=24 r=512 s=1024  peft, runlora:flops, peft+inductor
 #
 # Trimmed to fit: 15 s of timed rounds per configuration (the seed used 20 s per implementation),
-# and the floor only on 60m (each Inductor compile of a 24-layer step costs about a minute).
-# Every run gets a timeout so that one slow compile cannot eat the others' time; time a run does
-# not use passes to the next. Set GPU_CHECK_FLOOR=1 to add the floor to 250m and 1.3b too
+# and the floor only on 60m (an Inductor compile of a 24-layer training step may take a minute or
+# more). Each run gets a share of the budget (27/33/40 %; what a run leaves passes to the next):
+# the CLI's --time_limit skips variants, in the order above, whose compile would not fit, and a
+# hard timeout 30 s later guards the rest. Set GPU_CHECK_FLOOR=1 to add the floor to 250m and 1.3b
 # (about two minutes more), GPU_CHECK_BUDGET_S to change the 480 s budget.
 #
 # Writes three files to OUT_DIR (few files, so that a remote runner brings all of them back):
@@ -29,7 +30,7 @@ OUT=${1:?usage: experiments/gpu_check.sh OUT_DIR (run from the repository root)}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
 MIN_RUN_TIME=${GPU_CHECK_MIN_RUN_TIME:-15}
 TARGETS="q_proj v_proj k_proj o_proj up_proj down_proj gate_proj"
-LARGE_VARIANTS="peft peft+inductor runlora:flops"
+LARGE_VARIANTS="peft runlora:flops peft+inductor"
 [[ ${GPU_CHECK_FLOOR:-0} == 1 ]] && LARGE_VARIANTS="$LARGE_VARIANTS floor"
 
 if [[ ! -f experiments/model_exp.py ]]; then
@@ -38,19 +39,17 @@ if [[ ! -f experiments/model_exp.py ]]; then
 fi
 
 PY=""
+NEEDS="import sys, torch, transformers, peft, matplotlib, tqdm, networkx"
 for candidate in ${PYTHON:-} python3 .venv/bin/python; do
   if command -v "$candidate" >/dev/null 2>&1 &&
-     "$candidate" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+     "$candidate" -c "$NEEDS; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
     PY=$candidate
     break
   fi
 done
 if [[ -z $PY ]]; then
-  echo "gpu_check: no Python with a CUDA-enabled torch found (tried ${PYTHON:-} python3 .venv/bin/python)" >&2
-  exit 2
-fi
-if ! "$PY" -c "import transformers, peft, matplotlib, tqdm, networkx" 2>/dev/null; then
-  echo "gpu_check: $PY lacks one of transformers, peft, matplotlib, tqdm, networkx" >&2
+  echo "gpu_check: found no Python (tried ${PYTHON:-} python3 .venv/bin/python) whose torch sees" \
+       "CUDA and that has transformers, peft, matplotlib, tqdm and networkx" >&2
   exit 2
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -59,11 +58,11 @@ mkdir -p "$OUT"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
-# name | share of the budget (s) | arguments
+# name | share of the budget, % | arguments
 RUNS=(
-  "llama_60m_b64_r8|130|-m configs/llama_60m.json --n_batch 64 -r 8"
-  "llama_250m_b58_r128|160|-m configs/llama_250m.json --n_batch 58 -r 128 --variants $LARGE_VARIANTS"
-  "llama_1.3b_b24_r512|190|-m configs/llama_1.3b.json --n_batch 24 -r 512 --variants $LARGE_VARIANTS"
+  "llama_60m_b64_r8|27|-m configs/llama_60m.json --n_batch 64 -r 8 --variants peft runlora:flops peft+inductor floor"
+  "llama_250m_b58_r128|33|-m configs/llama_250m.json --n_batch 58 -r 128 --variants $LARGE_VARIANTS"
+  "llama_1.3b_b24_r512|40|-m configs/llama_1.3b.json --n_batch 24 -r 512 --variants $LARGE_VARIANTS"
 )
 
 {
@@ -75,7 +74,7 @@ RUNS=(
 } >"$WORK/tables.md"
 
 deadline=$(($(date +%s) + BUDGET_S))
-later_shares=0  # the shares of the runs after the current one: kept for them
+later_shares=0  # % of the budget kept for the runs after the current one
 for run in "${RUNS[@]}"; do
   IFS='|' read -r _ share _ <<<"$run"
   later_shares=$((later_shares + share))
@@ -84,8 +83,8 @@ done
 for run in "${RUNS[@]}"; do
   IFS='|' read -r name share args <<<"$run"
   later_shares=$((later_shares - share))
-  limit=$((deadline - $(date +%s) - later_shares))
-  if ((limit < 30)); then
+  limit=$((deadline - $(date +%s) - later_shares * BUDGET_S / 100))
+  if ((limit < 60)); then
     echo "- $name: skipped, only ${limit} s of the budget left" | tee -a "$WORK/tables.md"
     continue
   fi
@@ -93,7 +92,7 @@ for run in "${RUNS[@]}"; do
   # shellcheck disable=SC2086  # word splitting of $args and $TARGETS is intended
   if timeout --kill-after=10 "$limit" "$PY" experiments/model_exp.py $args \
       --dtype bf16 --seq_len 1024 --target_modules $TARGETS --criterions flops \
-      --min_run_time "$MIN_RUN_TIME" --min_rounds 5 --device cuda \
+      --min_run_time "$MIN_RUN_TIME" --min_rounds 5 --device cuda --time_limit $((limit - 30)) \
       -o "$WORK/$name" >"$WORK/$name.log" 2>&1; then
     cat "$WORK/$name.md" >>"$WORK/tables.md"
     if [[ -f $WORK/results.csv ]]; then
@@ -115,4 +114,4 @@ cp "$WORK/tables.md" "$OUT/tables.md"
 [[ -f $WORK/results.csv ]] && cp "$WORK/results.csv" "$OUT/results.csv"
 tar -czf "$OUT/runs.tar.gz" -C "$WORK" --exclude=tables.md --exclude=results.csv .
 cat "$OUT/tables.md"
-echo "gpu_check: wrote $OUT/tables.md, $OUT/results.csv, $OUT/runs.tar.gz"
+echo "gpu_check: wrote $(ls "$OUT" | tr "\n" " ")to $OUT"

@@ -16,17 +16,23 @@ import copy
 import math
 import os
 import sys
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-import torch
+STARTED = time.perf_counter()  # --time_limit counts from here, imports included
+
+import torch  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_lib, bench_report
 
 from bench_lib import (  # noqa: E402
     LoraSpec,
     Runner,
+    TimeLimit,
     Variant,
     add_lora,
     build_base,
@@ -61,17 +67,27 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None ones (their help says what happens)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Time a LoRA forward+backward step per implementation and write the table.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Defaults,
+        epilog="With no arguments at all it runs the CPU-sized default job: "
+        + " ".join(Path(a).name if a.endswith(".json") else a for a in DEFAULT_JOB),
     )
     add = parser.add_argument
     add("-m", "--model_name_or_config", default=str(REPO / "configs" / "llama_20m.json"),
         help="path to a config JSON, or the name of a model already in the local HF cache")
     add("--n_batch", type=int, default=10, help="batch size")
     add("--seq_len", type=int, default=None,
-        help="sequence length (default: the config's max_sequence_length / max_position_embeddings)")
+        help="sequence length (default: the config's max_sequence_length, else "
+             "max_position_embeddings)")
     add("-r", "--lora_r", type=int, default=8, help="rank of the LoRA adapters")
     add("-a", "--lora_alpha", type=float, default=8.0, help="LoRA scaling factor (scale = alpha/r)")
     add("-d", "--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branch input")
@@ -79,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--target_modules", nargs="+", default=list(ALL_TARGETS),
         help="module names that get LoRA adapters")
     add("--criterions", nargs="+", default=["flops"],
-        help=f"runlora criteria to benchmark, one runlora:<criterion> variant each: {', '.join(CRITERIA)}")
+        help="runlora criteria to benchmark, one runlora:<criterion> variant each: "
+             + ", ".join(CRITERIA))
     add("--variants", nargs="+", default=None,
         help="implementations to run: peft, peft+inductor, runlora:<criterion>, floor; 'runlora' "
              "stands for one per --criterions (default: peft peft+inductor runlora floor)")
@@ -88,13 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--min_run_time", type=float, default=10.0,
         help="seconds of interleaved timed rounds (after compiling)")
     add("--min_rounds", type=int, default=5, help="at least this many rounds")
+    add("--time_limit", type=float, default=None,
+        help="seconds for the whole process: variants whose compile would not fit are skipped "
+             "(in --variants order; the first always runs) and the rounds are cut short")
     add("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
     add("--threads", type=int, default=available_cores(), help="torch CPU threads")
     add("--seed", type=int, default=0, help="seed of the weights and of the batch")
     add("--profile_memory", action=argparse.BooleanOptionalAction, default=True,
         help="on CPU, also measure each variant's peak bytes in one profiled step")
     add("-o", "--out", default=None,
-        help="prefix of the .csv/.md/.png outputs (default: bench-out/<config>_b<n>_s<len>_r<r>_<dtype>)")
+        help="prefix of the .csv/.md/.png outputs "
+             "(default: bench-out/<config>_b<n>_s<len>_r<r>_<dtype>)")
     return parser
 
 
@@ -129,6 +150,8 @@ def check_numbers(args: argparse.Namespace, error: Callable[[str], NoReturn]) ->
         error(f"--lora_dropout must be in [0, 1), got {args.lora_dropout:g}")
     if args.min_run_time < 0:
         error(f"--min_run_time must not be negative, got {args.min_run_time:g}")
+    if args.time_limit is not None and args.time_limit <= 0:
+        error(f"--time_limit must be positive, got {args.time_limit:g}")
 
 
 def check_names(args: argparse.Namespace, error: Callable[[str], NoReturn]) -> None:
@@ -164,13 +187,16 @@ def check_model(args: argparse.Namespace, error: Callable[[str], NoReturn]) -> N
     except (OSError, ValueError) as why:
         error(f"-m {args.model_name_or_config!r} is neither a config file nor a model in the "
               f"local HF cache: {why}")
-    max_len = getattr(args.config, "max_sequence_length", None) or args.config.max_position_embeddings
-    args.seq_len = args.seq_len or max_len
+    config = args.config
+    args.seq_len = args.seq_len or getattr(config, "max_sequence_length", None) or (
+        config.max_position_embeddings
+    )
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(args.config)
     missing = missing_targets(skeleton, args.target_modules)
     if missing:
-        error(f"--target_modules {' '.join(missing)} match no module of {args.model_name_or_config}")
+        error(f"--target_modules {' '.join(missing)} match no module of "
+              f"{args.model_name_or_config}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -196,44 +222,65 @@ def prepare(args: argparse.Namespace, device: torch.device) -> list[Runner]:
     runners = []
     for name in args.variants:
         variant = Variant(name)
-        model = make_floor(base, spec.target_modules) if name == "floor" else copy.deepcopy(peft_model)
+        if name == "floor":
+            model = make_floor(base, spec.target_modules)
+        else:
+            model = copy.deepcopy(peft_model)
         runnable, backend = compile_variant(variant, model, args.inner)
         runners.append(Runner(variant, fb_step(runnable, batch), state_storages(model), backend))
     return runners
 
 
-def run(args: argparse.Namespace) -> list[Runner]:
+@dataclass
+class Measured:
+    runners: list[Runner]  # the variants that ran, in order
+    skipped: list[str]  # variants left out to respect --time_limit
+    recompiles: int  # graphs compiled during the timed rounds (0 unless a guard failed)
+
+
+def run(args: argparse.Namespace) -> Measured:
+    """Compile and warm up, measure memory, then the interleaved timed rounds."""
     from tqdm import tqdm
 
     device = torch.device(args.device)
+    limit = TimeLimit(args.time_limit, start=STARTED)
     runners = prepare(args, device)
+    ready: list[Runner] = []
+    skipped: list[str] = []
     count = len(runners)
     with tqdm(total=2 * count + args.min_rounds, unit="task", file=sys.stderr) as bar:
         for runner in runners:
             bar.set_description(f"compile {runner.variant.name}")
-            warm_up(runner, device)
+            if ready and not limit.fits_compile(max(r.compile_s for r in ready)):
+                skipped.append(runner.variant.name)
+            else:
+                warm_up(runner, device)
+                ready.append(runner)
             bar.update()
-        for runner in runners:
+        for runner in ready:
             bar.set_description(f"memory {runner.variant.name}")
             measure_memory(runner, device, args.profile_memory)
             bar.update()
-        reps = steps_per_round(runners, ROUND_TARGET_S)
-        round_s = reps * sum(r.warm_step_s for r in runners)
-        bar.total = 2 * count + max(args.min_rounds, math.ceil(args.min_run_time / round_s))
+        reps = steps_per_round(ready, ROUND_TARGET_S)
+        run_time = min(args.min_run_time, max(0.0, limit.left()))
+        round_s = reps * sum(r.warm_step_s for r in ready)
+        bar.total = bar.n + max(args.min_rounds, math.ceil(run_time / round_s))
         bar.set_description("timed rounds")
 
         def on_round(rounds: int, elapsed: float) -> None:
-            bar.total = max(bar.total, 2 * count + rounds + (elapsed < args.min_run_time))
+            bar.total = max(bar.total, bar.n + 1 + (elapsed < run_time))
             bar.update()
 
-        interleaved_rounds(runners, device, args.min_run_time, args.min_rounds, reps, on_round)
+        graphs = counters["stats"]["unique_graphs"]
+        interleaved_rounds(ready, device, run_time, args.min_rounds, reps, on_round)
+        recompiles = counters["stats"]["unique_graphs"] - graphs
         bar.total = bar.n
-    for runner in runners:
+    for runner in ready:
         runner.reps = reps
-    return runners
+    return Measured(ready, skipped, recompiles)
 
 
-def notes_for(args: argparse.Namespace, runners: list[Runner], rows: list[dict]) -> list[str]:
+def notes_for(args: argparse.Namespace, measured: Measured, rows: list[dict]) -> list[str]:
     from bench_report import memory_kind, plan_summary
 
     device = torch.device(args.device)
@@ -249,7 +296,14 @@ def notes_for(args: argparse.Namespace, runners: list[Runner], rows: list[dict])
     if device.type == "cpu" and args.profile_memory:
         peaks = ", ".join(f"{r['label']} {r['profiler_peak_mb']:.1f}" for r in rows)
         notes.append(f"Profiler peak per step, MB: {peaks}.")
+    runners = measured.runners
     notes += plan_summary(runners)
+    if measured.skipped:
+        notes.append(f"Skipped to keep within --time_limit {args.time_limit:g} s: "
+                     f"{', '.join(measured.skipped)}.")
+    if measured.recompiles:
+        notes.append(f"WARNING: {measured.recompiles} graph(s) compiled during the timed rounds; "
+                     "their times include compilation.")
     losses = {r.variant.label: r.first_loss for r in runners if r.variant.name != "floor"}
     if len(losses) > 1 and args.lora_dropout == 0:
         spread = max(losses.values()) - min(losses.values())
@@ -260,42 +314,48 @@ def notes_for(args: argparse.Namespace, runners: list[Runner], rows: list[dict])
     return notes
 
 
+def write_outputs(args: argparse.Namespace, title: str, rows: list[dict], report: str) -> None:
+    """<out>.csv (rows + the run's settings), <out>.md (the printed report), <out>.png."""
+    from bench_report import write_chart, write_csv
+
+    run_info = {"model": args.model_name_or_config, "n_batch": args.n_batch,
+                "seq_len": args.seq_len, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
+                "lora_dropout": args.lora_dropout, "dtype": args.dtype, "device": args.device,
+                "threads": args.threads, "inner": args.inner,
+                "target_modules": " ".join(args.target_modules)}
+    paths = {ext: Path(f"{args.out}.{ext}") for ext in ("csv", "md", "png")}  # 1.3b: no suffix
+    paths["csv"].parent.mkdir(parents=True, exist_ok=True)
+    write_csv(paths["csv"], rows, run_info)
+    paths["md"].write_text(report)
+    write_chart(paths["png"], title, rows)
+    print(f"wrote {', '.join(map(str, paths.values()))}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         print(f"no arguments: running the default job {' '.join(DEFAULT_JOB)}", flush=True)
         argv = DEFAULT_JOB
     args = parse_args(argv)
-    from bench_report import markdown_report, rows_for, write_chart, write_csv
+    from bench_report import markdown_report, rows_for
 
     torch.set_num_threads(args.threads)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     torch._dynamo.reset()
     device = torch.device(args.device)
     stem = Path(args.model_name_or_config).stem
-    title = (f"{stem} b={args.n_batch} s={args.seq_len} r={args.lora_r} {args.dtype} on {device.type}"
-             + (f" ({args.threads} threads)" if device.type == "cpu" else
-                f" ({torch.cuda.get_device_name(device)})"))
+    cuda = device.type == "cuda"
+    where = torch.cuda.get_device_name(device) if cuda else f"{args.threads} threads"
+    title = (f"{stem} b={args.n_batch} s={args.seq_len} r={args.lora_r} {args.dtype} "
+             f"on {device.type} ({where})")
     print(f"# {title}: variants {' '.join(args.variants)}, min_run_time {args.min_run_time:g} s",
           flush=True)
 
-    runners = run(args)
-    rows = rows_for(runners, device.type, runners[0].reps)
-    report = markdown_report(title, rows, notes_for(args, runners, rows))
+    measured = run(args)
+    rows = rows_for(measured.runners, device.type)
+    report = markdown_report(title, rows, notes_for(args, measured, rows))
     print(report, flush=True)
-
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    run_info = {"model": args.model_name_or_config, "n_batch": args.n_batch,
-                "seq_len": args.seq_len, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
-                "lora_dropout": args.lora_dropout, "dtype": args.dtype, "device": str(device),
-                "threads": args.threads, "inner": args.inner,
-                "target_modules": " ".join(args.target_modules)}
-    paths = {ext: Path(f"{out}.{ext}") for ext in ("csv", "md", "png")}  # "1.3b" is no suffix
-    write_csv(paths["csv"], rows, run_info)
-    paths["md"].write_text(report)
-    write_chart(paths["png"], title, rows)
-    print(f"wrote {out}.csv, {out}.md, {out}.png")
+    write_outputs(args, title, rows, report)
     torch._dynamo.reset()
     return 0
 

@@ -41,6 +41,7 @@ LABELS = ["PEFT", "PEFT+Inductor", "RunLoRA (flops)", "Floor+Inductor"]
 def load_cli():
     spec = importlib.util.spec_from_file_location("model_exp", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -145,6 +146,7 @@ def cli(monkeypatch):
         (["-d", "1.5"], "--lora_dropout must be in [0, 1), got 1.5"),
         (["-a", "0"], "--lora_alpha must be positive"),
         (["--inner", "tvm"], "argument --inner: invalid choice: 'tvm'"),
+        (["--time_limit", "0"], "--time_limit must be positive"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_clear_message(cli, tmp_path, capsys, extra, message):
@@ -218,7 +220,7 @@ def test_rows_use_paired_ratios_and_overhead_recovered():
         fake_runner("runlora:flops", [95, 190, 95], 9),
         fake_runner("floor", [90, 180, 90], 8),
     ]
-    rows = {row["variant"]: row for row in rows_for(runners, "cpu", reps=1)}
+    rows = {row["variant"]: row for row in rows_for(runners, "cpu")}
     runlora = rows["runlora:flops"]
     assert runlora["ratio_vs_peft_inductor"] == pytest.approx(0.95)
     assert runlora["speedup_vs_peft_pct"] == pytest.approx((1 - 95 / 120) * 100)
@@ -226,7 +228,8 @@ def test_rows_use_paired_ratios_and_overhead_recovered():
     assert runlora["memory_saved_mb"] == pytest.approx(1.0)
     assert rows["peft"]["overhead_recovered_pct"] == pytest.approx(-200.0)
     table = markdown_table(list(rows.values()))
-    assert "| RunLoRA (flops) | 95.00 | 95.00–142.50 | 9.00 | +20.8 | +5.0 | 1.00 | +50.0 |" in table
+    row = "| RunLoRA (flops) | 95.00 | 95.00–142.50 | 9.00 | +20.8 | +5.0 | 1.00 | +50.0 | - |"
+    assert row in table
     assert "| Floor+Inductor |" in table and table.count("\n") == 5
 
 
@@ -234,6 +237,20 @@ def test_rows_without_baselines_show_dashes():
     sys.path.insert(0, str(SCRIPT.parent))
     from bench_report import markdown_table, rows_for
 
-    rows = rows_for([fake_runner("runlora:flops", [95, 96], 9)], "cpu", reps=1)
+    rows = rows_for([fake_runner("runlora:flops", [95, 96], 9)], "cpu")
     line = markdown_table(rows).splitlines()[-1]
     assert line.startswith("| RunLoRA (flops) | 95.50 |") and line.count(" - ") == 5
+
+
+def test_time_limit_keeps_a_reserve_for_the_rounds():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import time
+
+    from bench_lib import TimeLimit
+
+    limit = TimeLimit(100.0, start=time.perf_counter())
+    assert limit.fits_compile(60.0)  # 40 s left after it, more than the 15 s reserve
+    assert not limit.fits_compile(90.0)
+    assert TimeLimit(None).fits_compile(1e9) and TimeLimit(None).left() == float("inf")
+    spent = TimeLimit(10.0, start=time.perf_counter() - 20.0)
+    assert spent.left() < 0 and not spent.fits_compile(0.0)
