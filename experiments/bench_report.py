@@ -25,6 +25,7 @@ TABLE_COLUMNS = (
     ("memory_mb", "Memory for F-B loop, MB"),
     ("speedup_vs_peft_pct", "Speedup vs PEFT, %"),
     ("speedup_vs_peft_inductor_pct", "Speedup vs PEFT+Inductor, %"),
+    ("ratio_spread", "Paired ratio vs PEFT+Inductor (p25–p75)"),
     ("memory_saved_mb", "Memory saved, MB"),
     ("overhead_recovered_pct", "LoRA overhead recovered, %"),
     ("compile_s", "Compile + 1st step, s"),
@@ -35,7 +36,8 @@ CSV_COLUMNS = (
     "steps_per_round", "compile_s", "first_loss", "memory_mb", "memory_kind",
     "saved_activations_mb", "profiler_peak_mb", "cuda_peak_mb", "memory_saved_mb",
     "ratio_vs_peft", "speedup_vs_peft_pct", "ratio_vs_peft_inductor",
-    "speedup_vs_peft_inductor_pct", "overhead_recovered_pct", "sites_rewritten", "sites_skipped",
+    "speedup_vs_peft_inductor_pct", "ratio_vs_peft_inductor_p25", "ratio_vs_peft_inductor_p75",
+    "overhead_recovered_pct", "sites_rewritten", "sites_skipped",
 )
 
 
@@ -58,6 +60,15 @@ def _ratio_to(runner: Runner, by_name: dict[str, Runner], baseline: str) -> floa
     return paired_ratio(runner.times, base.times) if base is not None else float("nan")
 
 
+def _ratio_quartiles(runner: Runner, by_name: dict[str, Runner]) -> tuple[float, float]:
+    """p25 and p75 over rounds of the per-round ratio to PEFT+Inductor (the ratio's spread)."""
+    base = by_name.get("peft+inductor")
+    if base is None:
+        return float("nan"), float("nan")
+    ratios = [t / b for t, b in zip(runner.times, base.times)]
+    return quantile(ratios, 0.25), quantile(ratios, 0.75)
+
+
 def rows_for(runners: Sequence[Runner], device_type: str) -> list[dict]:
     """One row per runner: time statistics, paired ratios, memory, and what runlora rewrote."""
     by_name = {r.variant.name: r for r in runners}
@@ -74,6 +85,7 @@ def rows_for(runners: Sequence[Runner], device_type: str) -> list[dict]:
         recovered = float("nan")
         if runner.variant.name not in ("floor", "peft+inductor") and floor_ratio < 1:
             recovered = (1 - vs_inductor) / (1 - floor_ratio) * 100
+        ratio_p25, ratio_p75 = _ratio_quartiles(runner, by_name)
         reports = runner.backend.reports if runner.backend else []
         rows.append({
             "variant": runner.variant.name,
@@ -97,6 +109,8 @@ def rows_for(runners: Sequence[Runner], device_type: str) -> list[dict]:
             "speedup_vs_peft_pct": (1 - vs_peft) * 100,
             "ratio_vs_peft_inductor": vs_inductor,
             "speedup_vs_peft_inductor_pct": (1 - vs_inductor) * 100,
+            "ratio_vs_peft_inductor_p25": ratio_p25,
+            "ratio_vs_peft_inductor_p75": ratio_p75,
             "overhead_recovered_pct": recovered,
             "sites_rewritten": sum(len(r.decisions) for r in reports) if runner.backend else "",
             "sites_skipped": sum(len(r.skipped) for r in reports) if runner.backend else "",
@@ -107,6 +121,11 @@ def rows_for(runners: Sequence[Runner], device_type: str) -> list[dict]:
 def _cell(row: dict, key: str) -> str:
     if key == "spread_ms":
         return f"{row['p25_ms']:.2f}–{row['p75_ms']:.2f}"
+    if key == "ratio_spread":
+        if math.isnan(row["ratio_vs_peft_inductor"]):
+            return "-"
+        return (f"{row['ratio_vs_peft_inductor']:.3f} "
+                f"({row['ratio_vs_peft_inductor_p25']:.3f}–{row['ratio_vs_peft_inductor_p75']:.3f})")
     value = row[key]
     if isinstance(value, str):
         return value

@@ -21,7 +21,7 @@ from passes.recompute_tags import RecomputeTags
 from passes.rewrite import rewrite_site
 from runlora_fx.choose import Decision, choose
 from runlora_fx.debug import DebugOutput
-from runlora_fx.options import Options, parse_options
+from runlora_fx.options import INNER_COMPILERS, Options, parse_options
 from runlora_fx.site import SkippedSite
 
 
@@ -47,6 +47,7 @@ def eager_inner(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any
 
 
 INNER = {"inductor": compile_fx_inner, "eager": eager_inner}
+assert tuple(INNER) == INNER_COMPILERS, "options.INNER_COMPILERS names these compilers"
 
 
 def _recording(inner: Callable, report: GraphReport) -> Callable:

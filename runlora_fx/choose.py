@@ -31,6 +31,7 @@ class Decision:
     criterion: str
     chosen: Candidate
     candidates: tuple[Candidate, ...]
+    memory_cap: int  # saved bytes of eager PEFT's plan: candidates above it were not eligible
 
 
 def choose(site: LoraSite, criterion: str) -> Decision:
@@ -44,4 +45,4 @@ def choose(site: LoraSite, criterion: str) -> Decision:
     affordable = [c for c in candidates if c.cost.saved_bytes <= cap]
     # min() keeps the first of equals, and plans_for's order is stable: deterministic choice
     chosen = min(affordable, key=lambda c: key(c.cost))
-    return Decision(site, criterion, chosen, candidates)
+    return Decision(site, criterion, chosen, candidates, cap)

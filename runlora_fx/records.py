@@ -66,7 +66,11 @@ def site_record(decision: Decision, graph: str) -> Record:
         "chosen": plan_record(decision.chosen.plan, decision.chosen.cost),
         "reference": plan_record(reference, cost_of(reference, site)),
         "candidates": [
-            {**plan_record(c.plan, c.cost), "chosen": c == decision.chosen}
+            {
+                **plan_record(c.plan, c.cost),
+                "chosen": c == decision.chosen,
+                "over_memory_cap": c.cost.saved_bytes > decision.memory_cap,
+            }
             for c in decision.candidates
         ],
     }
