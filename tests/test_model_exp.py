@@ -228,7 +228,10 @@ def test_rows_use_paired_ratios_and_overhead_recovered():
     assert runlora["memory_saved_mb"] == pytest.approx(1.0)
     assert rows["peft"]["overhead_recovered_pct"] == pytest.approx(-200.0)
     table = markdown_table(list(rows.values()))
-    row = "| RunLoRA (flops) | 95.00 | 95.00–142.50 | 9.00 | +20.8 | +5.0 | 1.00 | +50.0 | - |"
+    row = (
+        "| RunLoRA (flops) | 95.00 | 95.00–142.50 | 9.00 | +20.8 | +5.0 | 0.950 (0.950–0.950)"
+        " | 1.00 | +50.0 | - |"
+    )
     assert row in table
     assert "| Floor+Inductor |" in table and table.count("\n") == 5
 
@@ -239,7 +242,7 @@ def test_rows_without_baselines_show_dashes():
 
     rows = rows_for([fake_runner("runlora:flops", [95, 96], 9)], "cpu")
     line = markdown_table(rows).splitlines()[-1]
-    assert line.startswith("| RunLoRA (flops) | 95.50 |") and line.count(" - ") == 5
+    assert line.startswith("| RunLoRA (flops) | 95.50 |") and line.count(" - ") == 6
 
 
 def test_time_limit_keeps_a_reserve_for_the_rounds():
