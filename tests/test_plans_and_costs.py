@@ -146,3 +146,15 @@ def test_memory_criterion_minimises_saved_bytes():
     site = make_site(n=4, d_in=40, d_out=36, ranks=(8,))
     decision = choose(site, "memory")
     assert decision.chosen.cost.saved_bytes == min(c.cost.saved_bytes for c in decision.candidates)
+
+
+def test_flops_ties_go_to_fewer_bytes_moved():
+    # At N = d_in a merged forward with h recomputed costs exactly the FLOPs it saves, but it
+    # moves more bytes: the PEFT order must win the tie.
+    site = make_site(n=512, d_in=512, d_out=512, ranks=(64,))
+    merged = [c for c in choose(site, "flops").candidates
+              if c.plan.forward is Forward.MERGED and c.plan.input_grad is InputGrad.SPLIT
+              and c.plan.hidden is Hidden.RECOMPUTE and c.plan.grad_a == reference_plan(site).grad_a]
+    ref = cost_of(reference_plan(site), site)
+    assert merged and merged[0].cost.flops == ref.flops and merged[0].cost.bytes_moved > ref.bytes_moved
+    assert choose(site, "flops").chosen.plan == reference_plan(site)
