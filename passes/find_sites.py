@@ -19,9 +19,11 @@ from torch.fx.experimental.symbolic_shapes import optimization_hint
 from runlora_fx.site import Adapter, LoraSite, SkippedSite
 
 LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
+MATMUL = (operator.matmul, torch.matmul)
 ADD = (operator.add, torch.add, torch.Tensor.add)
 MUL = (operator.mul, torch.mul, torch.Tensor.mul)
 DROPOUT = (torch.nn.functional.dropout, torch.dropout)
+IN_PLACE = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem)
 
 Scale = float | fx.Node
 
@@ -68,7 +70,49 @@ def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object
     return node.kwargs.get(name, default)
 
 
+def _transpose_source(node: object) -> fx.Node | None:
+    """`M` when `node` is `M.T`, `M.mT`, `M.t()`, `M.transpose(0, 1)` or `M.permute(1, 0)` of a
+    2-D `M`, else None."""
+    if not isinstance(node, fx.Node) or node.kwargs or not node.args:
+        return None
+    source, rest = node.args[0], tuple(node.args[1:])
+    if node.op == "call_function" and node.target is getattr:
+        is_t = rest in (("T",), ("mT",))
+    elif node.op == "call_method" and node.target == "t" or _is(node, (torch.t,)):
+        is_t = rest == ()
+    elif node.op == "call_method" and node.target == "transpose" or _is(node, (torch.transpose,)):
+        is_t = len(rest) == 2 and all(isinstance(d, int) for d in rest) and {
+            d % 2 for d in rest} == {0, 1}
+    elif node.op == "call_method" and node.target == "permute":
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+        is_t = tuple(dims) in ((1, 0), (-1, -2), (1, -2), (-1, 0))
+    else:
+        return None
+    value = _value(source)
+    if not is_t or not isinstance(value, torch.Tensor) or value.dim() != 2:
+        return None
+    return source
+
+
+def _weight_view(node: fx.Node) -> fx.Node | None:
+    """The transpose node of `x @ M.T` (a linear with weight M), None for F.linear."""
+    return node.args[1] if _is(node, MATMUL) else None
+
+
+def _is_linear(node: object) -> bool:
+    """`F.linear(x, W, b)`, or `x @ W.T` / `torch.matmul(x, W.t())` (a linear without bias)."""
+    if _is(node, LINEAR):
+        return True
+    return (
+        _is(node, MATMUL) and len(node.args) == 2 and not node.kwargs
+        and _transpose_source(node.args[1]) is not None
+    )
+
+
 def _linear_parts(node: fx.Node) -> tuple[object, object, object]:
+    """(input, weight in F.linear's out×in layout, bias) of a node `_is_linear` accepts."""
+    if _is(node, MATMUL):
+        return node.args[0], _transpose_source(node.args[1]), None
     return _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
 
 
@@ -86,14 +130,14 @@ def _parse_term(node: object) -> Term | None:
     mul, lora_b, scale = None, node, 1.0
     if _is(node, MUL) and len(node.args) == 2:
         left, right = node.args
-        if _is(left, LINEAR) and _is_scalar(_value(right)):
+        if _is_linear(left) and _is_scalar(_value(right)):
             mul, lora_b, scale = node, left, right
-        elif _is(right, LINEAR) and _is_scalar(_value(left)):
+        elif _is_linear(right) and _is_scalar(_value(left)):
             mul, lora_b, scale = node, right, left
-    if not _is(lora_b, LINEAR):
+    if not _is_linear(lora_b):
         return None
     lora_a = _linear_parts(lora_b)[0]
-    if not _is(lora_a, LINEAR):
+    if not _is_linear(lora_a):
         return None
     source = _linear_parts(lora_a)[0]
     dropout = source if _is(source, DROPOUT) else None
@@ -106,7 +150,7 @@ def _parse_term(node: object) -> Term | None:
 
 def _parse_sum(node: object) -> tuple[fx.Node, list[Term], list[fx.Node]] | None:
     """(base linear, terms, adds) of `base + t_1 + … + t_k`, or None."""
-    if _is(node, LINEAR):
+    if _is_linear(node):
         return node, [], []
     if not (_is(node, ADD) and len(node.args) == 2 and not node.kwargs):
         return None
@@ -148,12 +192,29 @@ def _site_path(base: fx.Node, terms: list[Term]) -> str:
 
 def _mutates(node: fx.Node) -> bool:
     target = node.target
+    if _is(node, DROPOUT) and _arg(node, 3, "inplace", False) is not False:
+        return True
     if node.op == "call_method":
         return str(target).endswith("_") and not str(target).startswith("_")
     if isinstance(target, torch._ops.OpOverload):
         return target._schema.is_mutable
     name = getattr(target, "__name__", "")
-    return name.endswith("_") and not name.startswith("_") or target in (operator.iadd,)
+    return name.endswith("_") and not name.startswith("_") or target in IN_PLACE
+
+
+def _mutation_inside(first: fx.Node, root: fx.Node) -> fx.Node | None:
+    """An in-place op strictly between `first` and `root` in graph order, if any.
+
+    The rewrite reads x, W, b and the adapters at the root, not where the old nodes read them:
+    a mutation in between — of x through a view, `x[...] = v`, a hook — would change what the
+    rewritten site sees.
+    """
+    node = first.next
+    while node is not root and node.op != "root":
+        if _mutates(node):
+            return node
+        node = node.next
+    return None
 
 
 def _tensor(node: object, what: str) -> torch.Tensor:
@@ -188,7 +249,9 @@ def _adapter(term: Term, x: torch.Tensor, d_out: int) -> Adapter:
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != x.shape[-1] or b.shape != (d_out, a.shape[0]):
         raise Unsupported(f"adapter shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit")
     for weight, use, what in ((a_node, term.lora_a, "lora_A"), (b_node, term.lora_b, "lora_B")):
-        _only_user(weight, use, f"{what} weight (shared adapter weights)")
+        view = _weight_view(use)  # `A.T` of `x @ A.T`: only this use may read it, and A
+        for node, user in ((view, use), (weight, view)) if view is not None else ((weight, use),):
+            _only_user(node, user, f"{what} weight (shared adapter weights)")
     scale = _value(term.scale)
     if isinstance(scale, torch.Tensor):
         raise Unsupported("the LoRA scale is a tensor")
@@ -242,6 +305,9 @@ def _match(root: fx.Node, base: fx.Node, terms: list[Term], adds: list[fx.Node])
         x_requires_grad=x.requires_grad,
         training=out.requires_grad,
         n_symbolic=None if isinstance(n, int) else str(n),
+        # under autocast x and W are fp32 but the linear returns bf16/fp16: merging is judged
+        # by the dtype W_eff would be rounded to
+        compute_dtype=out.dtype if out.dtype != x.dtype else None,
     )
     reads_x = [a.reads_base_input for a in adapters]
     # A dropout that is the identity (eval, p = 0) becomes dead once the site reads x itself.
@@ -250,9 +316,18 @@ def _match(root: fx.Node, base: fx.Node, terms: list[Term], adds: list[fx.Node])
         and set(t.dropout.users) == {t.lora_a}
     ]
     owned = {base, *adds, *dead_dropouts}
+    base_view = _weight_view(base)
+    if base_view is not None and set(base_view.users) == {base}:
+        owned.add(base_view)
     for term in terms:
         owned |= {term.lora_a, term.lora_b} | ({term.mul} if term.mul is not None else set())
+        owned |= {v for v in (_weight_view(term.lora_a), _weight_view(term.lora_b)) if v}
     order = {node: i for i, node in enumerate(root.graph.nodes)}
+    mutation = _mutation_inside(min(owned, key=order.__getitem__), root)
+    if mutation is not None:
+        raise Unsupported(
+            f"an in-place op ({mutation.name}) runs between the site's reads and its sum"
+        )
     return SiteMatch(
         site=site,
         root=root,

@@ -28,6 +28,10 @@ def _check_choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
 
 def parse_options(options: Mapping[str, Any] | None) -> Options:
     """Options from the dict given as `torch.compile(..., options=...)`."""
+    if options is not None and not isinstance(options, Mapping):
+        raise ValueError(
+            f"runlora: options must be a dict of option names to values, not {options!r}"
+        )
     options = dict(options or {})
     known = tuple(f.name for f in fields(Options))
     unknown = sorted(set(options) - set(known))

@@ -93,6 +93,11 @@ def illegal_reason(plan: Plan, site: LoraSite) -> str | None:
     merged = plan.forward is Forward.MERGED or plan.reads_weff_in_backward
     if merged and not site.can_merge:
         return "merging W + sBA needs every LoRA branch to read x itself (dropout is active)"
+    if merged and site.matmul_dtype.itemsize < 4:
+        return (
+            f"merging W + sBA in {str(site.matmul_dtype).removeprefix('torch.')} rounds away "
+            "every update below half an ulp of W (tests/test_dtypes.py measures it)"
+        )
     if site.x_requires_grad and plan.input_grad is None:
         return "x requires grad but the plan computes no dx"
     if any(a.a_requires_grad for a in site.adapters) and plan.grad_a is None:

@@ -53,6 +53,8 @@ def site_fields(site: LoraSite) -> Record:
     (r, dropout_p, scale, requires-grad flags each), dtype, bias and training flags."""
     record = dataclasses.asdict(site)
     record["dtype"] = str(site.dtype).removeprefix("torch.")
+    if site.compute_dtype is not None:
+        record["compute_dtype"] = str(site.compute_dtype).removeprefix("torch.")
     return record
 
 

@@ -37,10 +37,16 @@ class LoraSite:
     x_requires_grad: bool
     training: bool
     n_symbolic: str | None = None  # the symbolic form of N, when N is not static
+    # the dtype the site's matmuls produce when it is not `dtype` (autocast: fp32 x, bf16 result)
+    compute_dtype: torch.dtype | None = None
 
     @property
     def elt_bytes(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def matmul_dtype(self) -> torch.dtype:
+        return self.compute_dtype or self.dtype
 
     @property
     def can_merge(self) -> bool:
