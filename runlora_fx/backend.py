@@ -41,6 +41,14 @@ class GraphReport:
         default_factory=list, repr=False, compare=False
     )
 
+    @classmethod
+    def for_inputs(cls, graph_id: int, example_inputs: Sequence[Any]) -> GraphReport:
+        """A fresh report; parameters among the inputs are told apart for the saved-set checks."""
+        return cls(
+            graph_id=graph_id,
+            parameter_inputs=tuple(isinstance(t, torch.nn.Parameter) for t in example_inputs),
+        )
+
 
 def eager_inner(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
     """Run the partitioned aten graph as it is, without Inductor codegen."""
@@ -51,14 +59,14 @@ INNER = {"inductor": compile_fx_inner, "eager": eager_inner}
 assert tuple(INNER) == INNER_COMPILERS, "options.INNER_COMPILERS names these compilers"
 
 
-def _recording(inner: Callable, report: GraphReport) -> Callable:
+def record_partitions(inner: Callable, report: GraphReport) -> Callable:
+    """Wrap an inner compiler so the partitioned graphs that really run land in `report`."""
+
     def compile_partition(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any):
-        if kwargs.get("is_backward"):
-            report.backward = gm
-        else:
-            report.forward = gm
+        part = "backward" if kwargs.get("is_backward") else "forward"
+        setattr(report, part, gm)
         for listener in report.on_partition:
-            listener("backward" if kwargs.get("is_backward") else "forward", gm)
+            listener(part, gm)
         return inner(gm, example_inputs, **kwargs)
 
     return compile_partition
@@ -108,7 +116,7 @@ def compile_rewritten(
 ) -> Callable:
     config: dict[str, Any] = dict(torch._inductor.list_mode_options(mode)) if mode else {}
     config["joint_custom_pre_pass"] = RecomputeTags()
-    inner = _recording(INNER[options.inner], report)
+    inner = record_partitions(INNER[options.inner], report)
     # The AOTAutograd cache would skip the joint pass and the recording on a hit.
     with torch._functorch.config.patch(enable_autograd_cache=False):
         return compile_fx(gm, example_inputs, inner_compile=inner, config_patches=config)
@@ -125,10 +133,7 @@ class Backend:
         self.debug = DebugOutput(self.options)  # reads RUNLORA_DEBUG_DIR now, not at import
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        report = GraphReport(
-            graph_id=next(self._ids),
-            parameter_inputs=tuple(isinstance(t, torch.nn.Parameter) for t in example_inputs),
-        )
+        report = GraphReport.for_inputs(next(self._ids), example_inputs)
         self.reports.append(report)
         matches, report.skipped = find_sites(gm.graph)
         report.skipped += subgraph_sites(gm)

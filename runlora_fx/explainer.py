@@ -115,10 +115,7 @@ def explain(
     dynamo_graphs: list[str] = []
 
     def plan_only(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-        report = GraphReport(
-            graph_id=len(reports),
-            parameter_inputs=tuple(isinstance(t, torch.nn.Parameter) for t in example_inputs),
-        )
+        report = GraphReport.for_inputs(len(reports), example_inputs)
         matches, report.skipped = find_sites(gm.graph)
         report.decisions = plan_sites(matches, parsed.criterion)
         reports.append(report)

@@ -42,7 +42,7 @@ class LoraSite:
 
     @property
     def elt_bytes(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     @property
     def matmul_dtype(self) -> torch.dtype:

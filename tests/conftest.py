@@ -76,28 +76,16 @@ class PlainCompile:
     """Plain torch.compile's partitioning (no rewrite), graphs run eagerly and recorded."""
 
     def __init__(self) -> None:
-        from runlora_fx.backend import GraphReport
-
         self.reports: list = []
-        self._report_type = GraphReport
 
     def __call__(self, gm, example_inputs):
         from torch._inductor.compile_fx import compile_fx
 
-        from runlora_fx.backend import eager_inner
+        from runlora_fx.backend import GraphReport, eager_inner, record_partitions
 
-        report = self._report_type(
-            len(self.reports), parameter_inputs=tuple(
-                isinstance(t, torch.nn.Parameter) for t in example_inputs
-            )
-        )
+        report = GraphReport.for_inputs(len(self.reports), example_inputs)
         self.reports.append(report)
-
-        def inner(g, inputs, **kwargs):
-            setattr(report, "backward" if kwargs.get("is_backward") else "forward", g)
-            return eager_inner(g, inputs, **kwargs)
-
-        return compile_fx(gm, example_inputs, inner_compile=inner)
+        return compile_fx(gm, example_inputs, inner_compile=record_partitions(eager_inner, report))
 
 
 @pytest.fixture
