@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 import torch
 from torch import nn
@@ -358,3 +359,16 @@ def quantile(values: Sequence[float], q: float) -> float:
 def paired_ratio(times: Sequence[float], baseline: Sequence[float]) -> float:
     """Median over rounds of (variant / baseline) in the same round."""
     return statistics.median(t / b for t, b in zip(times, baseline))
+
+
+def parse_device(text: str, error: Callable[[str], NoReturn]) -> torch.device:
+    """A CLI's --device: cpu or an available cuda device, else `error` (argparse's, exit 2)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        error(f"--device {text!r} is not a device; use cpu or cuda")
+    if device.type not in ("cpu", "cuda"):
+        error(f"--device {text!r}: only cpu and cuda are supported")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        error(f"--device {text}: CUDA is not available in this torch ({torch.__version__})")
+    return device

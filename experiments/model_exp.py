@@ -43,6 +43,7 @@ from bench_lib import (  # noqa: E402
     make_floor,
     measure_memory,
     missing_targets,
+    parse_device,
     state_storages,
     steps_per_round,
     variant_error,
@@ -168,14 +169,7 @@ def check_names(args: argparse.Namespace, error: Callable[[str], NoReturn]) -> N
             error(why)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        error(f"--device {args.device!r} is not a device; use cpu or cuda")
-    if device.type not in ("cpu", "cuda"):
-        error(f"--device {args.device!r}: only cpu and cuda are supported")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        error(f"--device {args.device}: CUDA is not available in this torch ({torch.__version__})")
+    parse_device(args.device, error)
 
 
 def check_model(args: argparse.Namespace, error: Callable[[str], NoReturn]) -> None:

@@ -2,7 +2,7 @@
 
 A site is `linear(x, W, b) + Σ_k s_k · linear(linear(D_k(x), A_k), B_k)` where D_k is absent or
 a dropout, and s_k a constant or a graph value. Anything that looks like one but would not be
-rewritten exactly becomes a `SkippedSite` with the reason.
+rewritten exactly becomes a `SkippedSite` with the reason; so does a site cut across graphs.
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ DROPOUT = (torch.nn.functional.dropout, torch.dropout)
 IN_PLACE = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem)
 
 Scale = float | fx.Node
+
+CUT_REASON = (
+    "the site is cut across graphs (a DDP bucket boundary or a graph break): its LoRA branch "
+    "and the sum with its base linear are compiled apart"
+)
 
 
 @dataclass(frozen=True)
@@ -176,18 +181,20 @@ def module_path(node: fx.Node) -> str | None:
     return path.lstrip(".")
 
 
-def _site_path(base: fx.Node, terms: list[Term]) -> str:
-    """The module holding both the base linear and the adapters (their common prefix)."""
-    paths = [p for p in (module_path(base), *(module_path(t.lora_a) for t in terms)) if p]
-    if not paths:
-        return base.name
-    parts = [p.split(".") for p in paths]
+def _common_path(nodes: list[fx.Node]) -> str:
+    """The innermost module holding all `nodes` (their module paths' common prefix), or ""."""
+    paths = [p for p in map(module_path, nodes) if p]
     common = []
-    for level in zip(*parts):
+    for level in zip(*(p.split(".") for p in paths)):
         if len(set(level)) != 1:
             break
         common.append(level[0])
-    return ".".join(common) or base.name
+    return ".".join(common)
+
+
+def _site_path(base: fx.Node, terms: list[Term]) -> str:
+    """The module holding both the base linear and the adapters (their common prefix)."""
+    return _common_path([base, *(t.lora_a for t in terms)]) or base.name
 
 
 def _mutates(node: fx.Node) -> bool:
@@ -308,6 +315,7 @@ def _match(root: fx.Node, base: fx.Node, terms: list[Term], adds: list[fx.Node])
         # under autocast x and W are fp32 but the linear returns bf16/fp16: merging is judged
         # by the dtype W_eff would be rounded to
         compute_dtype=out.dtype if out.dtype != x.dtype else None,
+        device=str(x.device),
     )
     reads_x = [a.reads_base_input for a in adapters]
     # A dropout that is the identity (eval, p = 0) becomes dead once the site reads x itself.
@@ -342,11 +350,105 @@ def _match(root: fx.Node, base: fx.Node, terms: list[Term], adds: list[fx.Node])
     )
 
 
+def _term_end(term: Term) -> fx.Node:
+    return term.mul if term.mul is not None else term.lora_b
+
+
+def _number_scaled(term: Term) -> bool:
+    """Scaled by a number (not a tensor): PEFT always scales, and Dynamo keeps even `· 1.0`."""
+    return term.mul is not None and not isinstance(_value(term.scale), torch.Tensor)
+
+
+def _cut_branch(term: Term) -> bool:
+    """A whole LoRA branch: rank-shaped, bias-free A (r×d_in) and B (d_out×r), r ≤ d_in, d_out;
+    with a number scale or a linear beside it reading x into its shape (the base). Without
+    either, a bare `linear(linear(x, W1), W2)` is as likely a factorized layer."""
+    (_, a_node, a_bias), (_, b_node, b_bias) = map(_linear_parts, (term.lora_a, term.lora_b))
+    a, b, out = _value(a_node), _value(b_node), _value(_term_end(term))
+    if a_bias is not None or b_bias is not None or not all(
+        isinstance(t, torch.Tensor) for t in (a, b, out)
+    ):
+        return False
+    r = a.shape[0]
+    if a.dim() != 2 or b.dim() != 2 or b.shape[1] != r or not r <= min(a.shape[1], b.shape[0]):
+        return False
+    return _number_scaled(term) or any(
+        _is_linear(user) and user is not term.lora_a and _linear_parts(user)[0] is term.source
+        and getattr(_value(user), "shape", None) == out.shape
+        for user in term.source.users
+    )
+
+
+def _lora_b_half(node: fx.Node) -> fx.Node | None:
+    """The lora_B linear of `s · linear(h, B)`, s a number, h a graph input (lora_A ran in an
+    earlier graph) with r < d_out columns, B trainable; else None. The number scale tells it
+    from a projection added to a residual, `res + linear(h, W)`."""
+    if not _is(node, MUL) or len(node.args) != 2:
+        return None
+    lora_b = next((a for a in node.args if _is_linear(a)), None)
+    scale = node.args[1] if lora_b is node.args[0] else node.args[0]
+    if lora_b is None or not _is_scalar(_value(scale)) or isinstance(_value(scale), torch.Tensor):
+        return None
+    h, b_node, bias = _linear_parts(lora_b)
+    h_value, b = _value(h), _value(b_node)
+    if not (isinstance(h, fx.Node) and h.op == "placeholder" and bias is None):
+        return None
+    if not (isinstance(h_value, torch.Tensor) and isinstance(b, torch.Tensor) and b.dim() == 2):
+        return None
+    return lora_b if b.requires_grad and h_value.shape[-1] == b.shape[1] < b.shape[0] else None
+
+
+def _unsummed_users(end: fx.Node, source: fx.Node | None) -> list[fx.Node]:
+    """The users showing that the branch's sum with its base linear is in another graph: the
+    graph output, or an add with a graph input (the base result from an earlier graph; not x
+    itself, which a residual adapter adds) or with a linear (the base, when lora_A ran earlier)."""
+    found = []
+    for user in end.users:
+        if user.op == "output":
+            found.append(user)
+        elif _is(user, ADD) and len(user.args) == 2:
+            other = user.args[1] if user.args[0] is end else user.args[0]
+            is_input = isinstance(other, fx.Node) and other.op == "placeholder"
+            if (is_input and other is not source) or _is_linear(other):
+                found.append(user)
+    return found
+
+
+def _cut_branches(graph: fx.Graph, summed: set[fx.Node]) -> list[SkippedSite]:
+    """LoRA branches whose sum with the base linear is in another graph.
+
+    Dynamo's DDP optimizer splits a graph at bucket boundaries, and a graph break splits a frame:
+    either may fall inside a site, leaving `s · linear(linear(x, A), B)` (or its lora_B half) in
+    one graph and the add in another. Neither graph holds the whole site, so it runs unrewritten;
+    say so, once. `summed`: the term ends already in a matched or skipped sum.
+    """
+    skipped: list[SkippedSite] = []
+    for node in graph.nodes:
+        term = _parse_term(node)
+        if term is not None and term.mul is None and any(
+            (outer := _parse_term(user)) is not None and outer.mul is user for user in node.users
+        ):
+            continue  # the scaled form `s · linear(…)` is looked at from its mul
+        if term is not None and node not in summed and _cut_branch(term):
+            named, source = [term.lora_a, term.lora_b], term.source
+        elif (lora_b := _lora_b_half(node)) is not None:
+            named, source = [lora_b], None
+        else:
+            continue
+        users = _unsummed_users(node, source)
+        if users:
+            adds = [u for u in users if u.op != "output"]  # they run in the site's module
+            path = _common_path([*named, *adds]) or named[-1].name
+            skipped.append(SkippedSite(path, CUT_REASON))
+    return skipped
+
+
 def find_sites(graph: fx.Graph) -> tuple[list[SiteMatch], list[SkippedSite]]:
     """Every LoRA-shaped sum in the graph: matched sites and skipped ones with reasons."""
     matches: list[SiteMatch] = []
     skipped: list[SkippedSite] = []
     claimed: set[fx.Node] = set()
+    summed: set[fx.Node] = set()  # term ends in a parsed sum
     for node in reversed(graph.nodes):  # outermost sums first
         if node in claimed:
             continue
@@ -355,10 +457,12 @@ def find_sites(graph: fx.Graph) -> tuple[list[SiteMatch], list[SkippedSite]]:
             continue
         base, terms, adds = parsed
         claimed.update(adds)
+        summed.update(_term_end(t) for t in terms)
         try:
             matches.append(_match(node, base, terms, adds))
         except Unsupported as why:
             skipped.append(SkippedSite(_site_path(base, terms), str(why)))
+    skipped += _cut_branches(graph, summed)
     order = {node: i for i, node in enumerate(graph.nodes)}
     matches.sort(key=lambda m: order[m.root])
     return matches, skipped

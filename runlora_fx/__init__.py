@@ -2,7 +2,7 @@
 equivalent contraction order, then hands the graph to Inductor."""
 
 from runlora_fx.backend import Backend, GraphReport, runlora
-from runlora_fx.choose import CRITERIA, Candidate, Decision, choose
+from runlora_fx.choose import CRITERIA, Candidate, Chooser, Decision, choose
 from runlora_fx.cost import Cost, cost_of
 from runlora_fx.explainer import Explanation, explain
 from runlora_fx.options import Options, parse_options
@@ -14,6 +14,7 @@ __all__ = [
     "Backend",
     "CRITERIA",
     "Candidate",
+    "Chooser",
     "Cost",
     "Decision",
     "Explanation",

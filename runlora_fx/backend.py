@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch._functorch._aot_autograd.utils import make_boxed_func
-from torch._ops import HigherOrderOperator
 from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
 from passes.find_sites import SiteMatch, find_sites
 from passes.recompute_tags import RecomputeTags
 from passes.rewrite import rewrite_site
-from runlora_fx.choose import Decision, choose
+from passes.subgraphs import plan_subgraphs
+from runlora_fx.budget import Budget, choose_within
+from runlora_fx.cache import default_cache_dir
+from runlora_fx.choose import Chooser, Decision
+from runlora_fx.guards import choose_over_n
 from runlora_fx.debug import DebugOutput
 from runlora_fx.options import INNER_COMPILERS, Options, parse_options
 from runlora_fx.site import SkippedSite
@@ -33,6 +36,7 @@ class GraphReport:
     graph_id: int
     decisions: list[Decision] = field(default_factory=list)
     skipped: list[SkippedSite] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # e.g. an infeasible memory budget
     parameter_inputs: tuple[bool, ...] = ()  # per graph input: is it an nn.Parameter
     forward: fx.GraphModule | None = None
     backward: fx.GraphModule | None = None
@@ -72,32 +76,24 @@ def record_partitions(inner: Callable, report: GraphReport) -> Callable:
     return compile_partition
 
 
-def subgraph_sites(gm: fx.GraphModule) -> list[SkippedSite]:
-    """LoRA sites inside higher-order-op bodies (e.g. the tag_activation_checkpoint subgraph of
-    each gradient-checkpointed layer): not rewritten yet, so reported as skipped with where."""
-    skipped: list[SkippedSite] = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or not isinstance(node.target, HigherOrderOperator):
-            continue
-        for arg in node.args:
-            if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
-                continue
-            body = getattr(gm, str(arg.target), None)
-            if not isinstance(body, fx.GraphModule):
-                continue
-            where = f"inside the {node.target.name()} subgraph {arg.target}"
-            matches, inner = find_sites(body.graph)
-            skipped += [
-                SkippedSite(m.site.path, f"{where}: subgraphs are not rewritten yet")
-                for m in matches
-            ]
-            skipped += [SkippedSite(s.path, f"{where}: {s.reason}") for s in inner]
-            skipped += subgraph_sites(body)
-    return skipped
-
-
-def plan_sites(matches: list[SiteMatch], criterion: str) -> list[Decision]:
-    return [choose(match.site, criterion) for match in matches]
+def plan_sites(
+    matches: list[SiteMatch], chooser: Chooser, budget: Budget | None = None
+) -> tuple[list[Decision], list[str]]:
+    """One decision per site, and the warnings to surface. Without a budget the choice is per
+    site, for a symbolic N over a guarded range (guards.py); under a memory budget it is made
+    across sites (budget.py), at N's size hint."""
+    chooser.measure_ahead([m.site for m in matches])
+    if budget is None:
+        return [choose_over_n(match, chooser) for match in matches], []
+    pairs = [(d, d.candidates) for d in (chooser.choose(m.site) for m in matches)]
+    decisions, warning = choose_within(pairs, budget)
+    symbolic = [m.site.n_symbolic is not None for m in matches]
+    decisions = [
+        replace(d, note=f"{d.note}; N symbolic, budget judged at its hint N={d.site.n}")
+        if is_symbolic else d
+        for d, is_symbolic in zip(decisions, symbolic)
+    ]
+    return decisions, [warning] if warning else []
 
 
 def rewrite_sites(gm: fx.GraphModule, matches: list[SiteMatch], decisions: list[Decision]) -> None:
@@ -131,15 +127,23 @@ class Backend:
         self.reports: list[GraphReport] = []
         self._ids = itertools.count()
         self.debug = DebugOutput(self.options)  # reads RUNLORA_DEBUG_DIR now, not at import
+        cache_dir = self.options.cache_dir or default_cache_dir()  # reads RUNLORA_CACHE_DIR
+        budgeted = self.options.memory_budget is not None
+        self.chooser = Chooser(self.options.criterion, cache_dir, budgeted)
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         report = GraphReport.for_inputs(next(self._ids), example_inputs)
         self.reports.append(report)
         matches, report.skipped = find_sites(gm.graph)
-        report.skipped += subgraph_sites(gm)
-        report.decisions = plan_sites(matches, self.options.criterion)
+        decisions, report.warnings = plan_sites(matches, self.chooser, self.options.memory_budget)
+        # Sites in checkpointed regions (each layer's tag_activation_checkpoint body): planned
+        # without the budget, since the region is recomputed and saves only its inputs.
+        inner = plan_subgraphs(gm, lambda ms: plan_sites(ms, self.chooser)[0], "runlora_sub")
+        report.decisions = decisions + inner.decisions
+        report.skipped += inner.skipped
         graph_debug = self.debug.start(report, gm)  # log lines; dump sites.json, report.md
-        rewrite_sites(gm, matches, report.decisions)
+        rewrite_sites(gm, matches, decisions)
+        inner.rewrite()
         graph_debug.rewritten(gm)
         return compile_rewritten(gm, example_inputs, self.options, self.mode, report)
 

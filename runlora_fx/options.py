@@ -17,6 +17,9 @@ class Options:
     criterion: str = "flops"
     inner: str = "inductor"
     debug_dir: str | None = None  # debug dump folder; None: $RUNLORA_DEBUG_DIR; "": no dump
+    cache_dir: str | None = None  # measurement cache; None: $RUNLORA_CACHE_DIR or the user's
+    # total saved bytes of the sites: bytes (int) or a fraction of eager PEFT's (float)
+    memory_budget: int | float | None = None
 
 
 def _check_choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -40,11 +43,26 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
             f"runlora: unknown option(s) {', '.join(map(repr, unknown))}; "
             f"valid options are {', '.join(known)}"
         )
-    if options.get("debug_dir") is not None:
-        if not isinstance(options["debug_dir"], (str, os.PathLike)):
-            raise ValueError(f"runlora: option debug_dir={options['debug_dir']!r} is not a path")
-        options["debug_dir"] = os.fspath(options["debug_dir"])
+    for key in ("debug_dir", "cache_dir"):
+        if options.get(key) is not None:
+            if not isinstance(options[key], (str, os.PathLike)):
+                raise ValueError(f"runlora: option {key}={options[key]!r} is not a path")
+            options[key] = os.fspath(options[key])
     parsed = Options(**options)
     _check_choice("criterion", parsed.criterion, tuple(CRITERIA))
     _check_choice("inner", parsed.inner, INNER_COMPILERS)
+    _check_budget(parsed.memory_budget)
     return parsed
+
+
+def _check_budget(budget: object) -> None:
+    valid = budget is None or (
+        (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 0)
+        or (isinstance(budget, float) and budget > 0 and budget == budget and budget != float("inf"))
+    )
+    if not valid:
+        raise ValueError(
+            f"runlora: option memory_budget={budget!r} is not valid; give bytes as an int >= 0 "
+            "or a fraction of eager PEFT's saved bytes at the LoRA sites as a float > 0 "
+            "(e.g. 0.5)"
+        )

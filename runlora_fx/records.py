@@ -21,6 +21,7 @@ import torch
 
 from runlora_fx.choose import Decision
 from runlora_fx.cost import Cost, cost_of
+from runlora_fx.dynamic import affine_cost, describe_affine
 from runlora_fx.plans import Plan, reference_plan
 from runlora_fx.site import LoraSite, SkippedSite
 
@@ -38,10 +39,14 @@ COST_ROWS = (
 # ---- records -----------------------------------------------------------------------------------
 
 
-def plan_record(plan: Plan, cost: Cost) -> Record:
-    """A plan's choices (enum names, None where the site makes them irrelevant) and its cost."""
+def plan_record(plan: Plan, cost: Cost, seconds: float | None = None) -> Record:
+    """A plan's choices (enum names, None where the site makes them irrelevant), its counted
+    cost and, under "roofline" or "time", its predicted or measured fwd+bwd seconds."""
     choices = {f.name: _enum_name(getattr(plan, f.name)) for f in dataclasses.fields(plan)}
-    return {"describe": plan.describe(), "plan": choices, "cost": dataclasses.asdict(cost)}
+    record = {"describe": plan.describe(), "plan": choices, "cost": dataclasses.asdict(cost)}
+    if seconds is not None:
+        record["seconds"] = seconds
+    return record
 
 
 def _enum_name(value: Any) -> str | None:
@@ -61,21 +66,30 @@ def site_fields(site: LoraSite) -> Record:
 def site_record(decision: Decision, graph: str) -> Record:
     site = decision.site
     reference = reference_plan(site)
-    return {
+    cap = decision.memory_cap
+    record = {
         "graph": graph,
         **site_fields(site),
         "criterion": decision.criterion,
-        "chosen": plan_record(decision.chosen.plan, decision.chosen.cost),
+        "chosen": plan_record(decision.chosen.plan, decision.chosen.cost, decision.chosen.seconds),
         "reference": plan_record(reference, cost_of(reference, site)),
         "candidates": [
             {
-                **plan_record(c.plan, c.cost),
+                **plan_record(c.plan, c.cost, c.seconds),
                 "chosen": c == decision.chosen,
-                "over_memory_cap": c.cost.saved_bytes > decision.memory_cap,
+                "over_memory_cap": cap is not None and c.cost.saved_bytes > cap,
             }
             for c in decision.candidates
         ],
+        "note": decision.note,
     }
+    if site.n_symbolic is not None:
+        record["symbolic"] = {
+            "n": site.n_symbolic,
+            "chosen_for_n": list(decision.n_range) if decision.n_range else None,
+            "chosen_cost": describe_affine(affine_cost(decision.chosen.plan, site), "N"),
+        }
+    return record
 
 
 def skipped_record(skipped: SkippedSite, graph: str) -> Record:
@@ -116,11 +130,12 @@ def _versions() -> Record:
 
 def document(reports: Iterable[tuple[str, GraphReport]], criterion: str) -> Record:
     """The sites.json document of one or more graphs, each given as (graph name, report)."""
-    graphs, sites, skipped = [], [], []
+    graphs, sites, skipped, warnings = [], [], [], []
     for graph, report in reports:
         graphs.append(graph)
         sites += [site_record(d, graph) for d in report.decisions]
         skipped += [skipped_record(s, graph) for s in report.skipped]
+        warnings += [{"graph": graph, "warning": w} for w in report.warnings]
     return {
         "schema_version": SCHEMA_VERSION,
         "versions": _versions(),
@@ -128,6 +143,7 @@ def document(reports: Iterable[tuple[str, GraphReport]], criterion: str) -> Reco
         "graphs": graphs,
         "sites": sites,
         "skipped": skipped,
+        "warnings": warnings,
         "totals": totals(sites, skipped),
     }
 
@@ -213,6 +229,9 @@ def render(doc: Mapping[str, Any], title: str | None = None) -> str:
         f"{total['sites_skipped']} skipped. Costs are the LoRA linears' (base matmul included), "
         "with the change against the order eager PEFT runs.",
     ]
+    lines += [f"\n**Warning:** {w['warning']}" for w in doc.get("warnings", [])]
+    notes = sorted({s["note"] for s in doc["sites"] if s.get("note")})
+    lines += ["", *(f"- {note}" for note in notes)] if notes else []
     if doc["sites"]:
         header = with_graph({"graph": "graph"}, list(SITE_HEADER))
         rows = [with_graph(s, _site_row(i, s)) for i, s in enumerate(doc["sites"])]

@@ -39,6 +39,7 @@ class LoraSite:
     n_symbolic: str | None = None  # the symbolic form of N, when N is not static
     # the dtype the site's matmuls produce when it is not `dtype` (autocast: fp32 x, bf16 result)
     compute_dtype: torch.dtype | None = None
+    device: str = "cpu"  # where the site's tensors live, e.g. "cuda:0"
 
     @property
     def elt_bytes(self) -> int:

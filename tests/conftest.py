@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +96,12 @@ def exact_dropout():
     """Inductor draws dropout masks with eager's RNG (seeded per step), so masks match."""
     with torch._inductor.config.patch(fallback_random=True):
         yield
+
+
+def load_script(path: Path, name: str):
+    """Import a CLI script (experiments/*.py) as a module, to call its main() in-process."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

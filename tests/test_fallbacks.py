@@ -282,6 +282,53 @@ def test_in_place_dropout():
     assert_skipped(compare(Pattern(_in_place_dropout), x3d()), "x is mutated in place")
 
 
+def _cut_after_the_branch(m, x):
+    y, branch = m.base(x), m.lora(x)
+    torch._dynamo.graph_break()  # graph 1 returns the scaled branch, graph 2 adds it
+    return y + branch
+
+
+def _cut_before_the_base(m, x):
+    branch = m.lora(x)
+    torch._dynamo.graph_break()  # graph 2 adds the base linear to the branch from graph 1
+    return m.base(x) + branch
+
+
+def _cut_before_the_scale(m, x):
+    y, branch = m.base(x), F.linear(F.linear(x, m.A), m.B)
+    torch._dynamo.graph_break()
+    return y + 0.5 * branch
+
+
+def _cut_between_lora_a_and_lora_b(m, x):
+    h = F.linear(x, m.A)
+    torch._dynamo.graph_break()  # graph 2 holds `base + 0.5 · linear(h, B)`, h a graph input
+    return m.base(x) + 0.5 * F.linear(h, m.B)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [_cut_after_the_branch, _cut_before_the_base, _cut_before_the_scale,
+     _cut_between_lora_a_and_lora_b],
+    ids=["after-branch", "before-base", "before-scale", "between-A-and-B"],
+)
+def test_site_cut_by_a_graph_break(body):
+    """A graph break (or a DDP bucket boundary, tests/test_distributed.py) inside a site: each
+    graph holds a part of it; the site is reported once."""
+    backend = compare(Pattern(body), x3d())
+    assert len(backend.reports) == 2
+    assert_skipped(backend, "the site is cut across graphs (a DDP bucket boundary or a graph "
+                   "break): its LoRA branch and the sum with its base linear are compiled apart")
+
+
+def test_a_factorized_layer_is_not_reported_as_a_cut_site():
+    """An unscaled `linear(linear(x, W1), W2)` returned as is, with no linear beside it reading
+    x, is a factorized layer as likely as a cut LoRA branch: nothing is reported."""
+    model = Pattern(lambda m, x: F.linear(F.linear(x, m.A), m.B))
+    backend = compare(model, x3d())
+    assert rewritten(backend) == 0 and not reasons(backend)
+
+
 # --- hooks, non-contiguous tensors ------------------------------------------------------------
 
 

@@ -9,13 +9,14 @@ checks call `main` in-process with the run stubbed out, so nothing builds or com
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "experiments" / "model_exp.py"
@@ -39,11 +40,7 @@ LABELS = ["PEFT", "PEFT+Inductor", "RunLoRA (flops)", "Floor+Inductor"]
 
 
 def load_cli():
-    spec = importlib.util.spec_from_file_location("model_exp", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT, "model_exp")
 
 
 def write_tiny(folder: Path, name: str = "tiny.json") -> Path:

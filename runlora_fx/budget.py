@@ -1,0 +1,106 @@
+"""Choosing across sites under a memory budget: a small exact knapsack.
+
+The budget covers the activations the plans decide about: each site's saved bytes beyond the
+inputs eager PEFT saves there anyway (x, or D(x) under dropout, which every order that trains A
+reads) — that is, h per adapter and any kept W_eff, plus x where a plan would save it and PEFT
+does not. A fraction is of eager PEFT's own such bytes (its h's). Minimise Σ key(chosen plan)
+(keys add element-wise and compare lexicographically) subject to Σ those bytes ≤ budget. The dynamic programme keeps, after each site, the Pareto front of
+(total saved bytes, total key) over partial choices; a site has a handful of distinct saved
+sizes (h saved or not, W_eff kept or not), so the front stays small and the answer is exact.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from runlora_fx.choose import CRITERIA, Candidate, Decision, SortKey
+from runlora_fx.plans import reference_plan
+from runlora_fx.program import program_for
+from runlora_fx.site import LoraSite
+
+log = logging.getLogger("runlora_fx")
+
+Budget = int | float  # bytes, or a fraction of eager PEFT's decided-about bytes at these sites
+
+
+def reference_input_bytes(site: LoraSite) -> int:
+    """Bytes of the inputs (x, D(x)) eager PEFT saves at the site: saved whatever we choose."""
+    saved = program_for(reference_plan(site), site).saved
+    inputs = [name for name in saved if name == "x" or name.startswith("xd")]
+    return len(inputs) * site.n * site.d_in * site.elt_bytes
+
+
+def decided_bytes(candidate: Candidate, site: LoraSite) -> int:
+    return candidate.cost.saved_bytes - reference_input_bytes(site)
+
+
+def budget_bytes(budget: Budget, reference_saved: int) -> int:
+    if isinstance(budget, float):
+        return int(budget * reference_saved)
+    return budget
+
+
+def _add(a: SortKey, b: SortKey) -> SortKey:
+    return tuple(x + y for x, y in zip(a, b))
+
+
+def knapsack(options: Sequence[Sequence[tuple[SortKey, int]]], budget: int) -> list[int] | None:
+    """Per site the index of its chosen option (key, saved bytes), or None if infeasible."""
+    zero: SortKey = tuple(0 for _ in options[0][0][0]) if options and options[0] else ()
+    front: list[tuple[int, SortKey, tuple[int, ...]]] = [(0, zero, ())]
+    for site_options in options:
+        best_at: dict[int, tuple[SortKey, tuple[int, ...]]] = {}
+        for saved, key, picks in front:
+            for j, (opt_key, opt_saved) in enumerate(site_options):
+                total = saved + opt_saved
+                if total > budget:
+                    continue
+                new_key = _add(key, opt_key)
+                if total not in best_at or new_key < best_at[total][0]:
+                    best_at[total] = (new_key, (*picks, j))
+        front = []
+        for total in sorted(best_at):  # keep only what beats every cheaper-in-memory choice
+            key, picks = best_at[total]
+            if not front or key < front[-1][1]:
+                front.append((total, key, picks))
+        if not front:
+            return None
+    return list(min(front, key=lambda entry: entry[1])[2])
+
+
+def choose_within(
+    sites: Sequence[tuple[Decision, Sequence[Candidate]]], budget: Budget
+) -> tuple[list[Decision], str | None]:
+    """Re-choose per-site decisions so that their saved bytes fit `budget` in total.
+
+    `sites` pairs each site's unconstrained decision with all its candidates. Returns the new
+    decisions and a warning when the budget cannot be met (then every site takes its
+    least-memory plan).
+    """
+    if not sites:
+        return [], None
+    criterion = sites[0][0].criterion
+    key = CRITERIA[criterion]
+    reference = sum((d.memory_cap or 0) - reference_input_bytes(d.site) for d, _ in sites)
+    limit = budget_bytes(budget, reference)
+    options = [[(key(c), decided_bytes(c, d.site)) for c in cands] for d, cands in sites]
+    picks = knapsack(options, limit)
+    note = (f"memory budget {limit} B for h/W_eff over {len(sites)} sites "
+            f"(eager PEFT keeps {reference} B)")
+    warning = None
+    if picks is None:
+        least = sum(min(o[1] for o in site_options) for site_options in options)
+        warning = (
+            f"runlora: memory_budget={budget!r} ({limit} B) is below the least any plans save "
+            f"at these {len(sites)} sites ({least} B); using the least-memory plans"
+        )
+        log.warning(warning)
+        memory = CRITERIA["memory"]
+        picks = [min(range(len(cands)), key=lambda j: memory(cands[j])) for _, cands in sites]
+        note = f"{note}; infeasible, least-memory plans"
+    decisions = [
+        Decision(d.site, criterion, cands[j], tuple(cands), None, d.n_range, note)
+        for (d, cands), j in zip(sites, picks)
+    ]
+    return decisions, warning

@@ -1,0 +1,134 @@
+"""Timing plans on the real device: each candidate's forward+backward, interleaved, median.
+
+A site is timed through the same `autograd.Function` the rewritten graph calls, on random
+tensors of the site's shapes, outside torch.compile: the matmuls dominate and are the same
+kernels Inductor calls (extern mm), while the elementwise steps it would fuse are cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from runlora_fx.execute import _PlannedLinearFunction
+from runlora_fx.plans import Plan
+from runlora_fx.program import program_for
+from runlora_fx.site import LoraSite
+
+log = logging.getLogger("runlora_fx")
+
+# fwd+bwd of every plan at least MIN_ROUNDS times, and until BUDGET_S of timing has passed
+BUDGET_S = 0.3
+MIN_ROUNDS = 5
+MAX_ROUNDS = 200
+FINALIST_RATIO = 1.15  # plans this close to the fastest are timed again before choosing
+
+
+def site_signature(site: LoraSite) -> dict[str, Any]:
+    """Everything a plan's time depends on (not the path, the scale value or the symbol)."""
+    return {
+        "device": site.device,
+        "dtype": str(site.dtype),
+        "compute_dtype": str(site.matmul_dtype),
+        "n": site.n,
+        "d_in": site.d_in,
+        "d_out": site.d_out,
+        "adapters": [
+            [a.r, a.dropout_p > 0, a.a_requires_grad, a.b_requires_grad] for a in site.adapters
+        ],
+        "bias": [site.has_bias, site.bias_requires_grad],
+        "x_requires_grad": site.x_requires_grad,
+    }
+
+
+def site_inputs(
+    site: LoraSite, device: torch.device
+) -> tuple[tuple[str, ...], list[torch.Tensor], tuple[float, ...]]:
+    """Names, random tensors (leaves, requiring grad as at the site) and scales for a site."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    dtype = site.matmul_dtype  # autocast sites run their matmuls in it
+
+    def rand(*shape: int, grad: bool = False, std: float = 1.0) -> torch.Tensor:
+        t = torch.randn(*shape, generator=gen, device=device, dtype=dtype) * std
+        return t.requires_grad_(grad)
+
+    names, tensors = ["x", "W"], [rand(site.n, site.d_in, grad=site.x_requires_grad),
+                                  rand(site.d_out, site.d_in, std=site.d_in**-0.5)]
+    if site.has_bias:
+        names.append("b")
+        tensors.append(rand(site.d_out, grad=site.bias_requires_grad))
+    for k, a in enumerate(site.adapters):
+        if not a.reads_base_input:
+            names.append(f"xd{k}")
+            tensors.append(rand(site.n, site.d_in, grad=site.x_requires_grad))
+    for k, a in enumerate(site.adapters):
+        names += [f"A{k}", f"B{k}"]
+        tensors += [rand(a.r, site.d_in, grad=a.a_requires_grad, std=site.d_in**-0.5),
+                    rand(site.d_out, a.r, grad=a.b_requires_grad, std=a.r**-0.5)]
+    scales = tuple(a.scale if a.scale is not None else 1.0 for a in site.adapters)
+    return tuple(names), tensors, scales
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_plans(
+    site: LoraSite,
+    plans: Sequence[Plan],
+    device: torch.device,
+    budget_s: float = BUDGET_S,
+    min_rounds: int = MIN_ROUNDS,
+) -> dict[Plan, float]:
+    """Median seconds of one forward+backward per plan. Rounds interleave the plans, so drift
+    of the machine (clock, other load) hits every plan alike; the near-fastest plans get a
+    second, longer set of rounds."""
+    names, tensors, scales = site_inputs(site, device)
+    wants_grad = [t for t in tensors if t.requires_grad]
+    gen = torch.Generator(device=device).manual_seed(1)  # the caller's RNG stream is untouched
+    dy = torch.randn(site.n, site.d_out, generator=gen, device=device, dtype=site.matmul_dtype)
+    programs = {plan: program_for(plan, site) for plan in plans}
+
+    def step(plan: Plan) -> float:
+        _synchronize(device)
+        start = time.perf_counter()
+        y = _PlannedLinearFunction.apply(programs[plan], "timing", scales, names, *tensors)
+        if wants_grad:
+            torch.autograd.grad(y, wants_grad, dy)
+        _synchronize(device)
+        return time.perf_counter() - start
+
+    for plan in plans:  # warm-up: allocator, kernel selection, caches
+        step(plan)
+    samples: dict[Plan, list[float]] = {plan: [] for plan in plans}
+    _rounds(plans, step, samples, budget_s, min_rounds)
+    # A burst of other load can make one plan look fast or slow in a few rounds; the plans that
+    # came within FINALIST_RATIO of the best are timed again, so the pick rests on 3× the rounds.
+    medians = {plan: statistics.median(times) for plan, times in samples.items()}
+    fastest = min(medians.values())
+    finalists = [plan for plan in plans if medians[plan] <= FINALIST_RATIO * fastest]
+    if len(finalists) > 1:
+        _rounds(finalists, step, samples, budget_s, 2 * min_rounds)
+    return {plan: statistics.median(times) for plan, times in samples.items()}
+
+
+def _rounds(
+    plans: Sequence[Plan],
+    step: Callable[[Plan], float],
+    samples: dict[Plan, list[float]],
+    budget_s: float,
+    min_rounds: int,
+) -> None:
+    """Interleaved rounds over `plans`: at least `min_rounds`, and until `budget_s` passed."""
+    started = time.perf_counter()
+    for rounds in range(1, MAX_ROUNDS + 1):
+        for plan in plans:
+            samples[plan].append(step(plan))
+        if rounds >= min_rounds and time.perf_counter() - started >= budget_s:
+            break
