@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import shlex
 import statistics
 import sys
@@ -149,6 +150,12 @@ def dtype_runs(dtype: torch.dtype, device: torch.device) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def allocator_env() -> list[str]:
+    """glibc malloc settings the run was started with: they change how large allocations are
+    served (mmap and page faults per call, or the heap), which moves plan timings on CPU."""
+    return [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")]
 
 
 def check_args(args: argparse.Namespace, error: Callable[[str], NoReturn]) -> torch.device:
@@ -307,7 +314,7 @@ def header(args: argparse.Namespace, argv: Sequence[str]) -> str:
     return "\n".join([
         f"# Choice criteria vs measured best on {device_title(torch.device(args.device))}", "",
         f"- torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads",
-        f"- command: `{shlex.join(['python', 'experiments/criteria_exp.py', *argv])}`",
+        f"- command: `{shlex.join([*allocator_env(), 'python', 'experiments/criteria_exp.py', *argv])}`",
         f"- grid: {grid_text}; dtypes {' '.join(args.dtypes)}; dropout {args.dropout:g}; max "
         f"N·d_in·d_out {cap}: {len(args.points)} points kept, {args.skipped} skipped",
         "- sites: one adapter, no bias, x, A and B require grad, training",
