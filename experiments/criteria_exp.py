@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_lib
 from bench_lib import parse_device  # noqa: E402
 from runlora_fx.choose import CRITERIA, Candidate, Chooser, Decision
-from runlora_fx.measure import BUDGET_S, MAX_ROUNDS, MIN_ROUNDS, time_plans
+from runlora_fx.measure import BUDGET_S, MAX_ROUNDS, MIN_ROUNDS, SESSIONS, time_plans
 from runlora_fx.plans import Plan, reference_plan
 from runlora_fx.site import Adapter, LoraSite
 
@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="LoRA dropout p; p > 0 makes the merged plans illegal")
     add("--truth_budget", type=positive(float), default=1.0,
         help="seconds of interleaved rounds timing a point's eligible plans (the truth)")
+    add("--truth_sessions", type=positive(int), default=SESSIONS,
+        help="sessions of fresh tensors; the truth is the median over them")
     add("--truth_min_rounds", type=positive(int), default=MIN_ROUNDS,
         help=f"at least this many rounds (at most {MAX_ROUNDS}: time_plans stops there)")
     add("--within", type=positive(float), default=0.03,
@@ -221,7 +223,8 @@ def measure_point(point: Point, choosers: dict[str, Chooser],
     picks = {name: d.chosen.plan for name, d in decisions.items()}
     picks[REFERENCE] = reference_plan(site)
     truth = time_plans(site, [c.plan for c in eligible], torch.device(args.device),
-                       budget_s=args.truth_budget, min_rounds=args.truth_min_rounds)
+                       budget_s=args.truth_budget, min_rounds=args.truth_min_rounds,
+                       sessions=args.truth_sessions)
     stray = {n: p.describe() for n, p in picks.items() if p not in truth}
     if stray:  # a criterion chose outside the eligible set: a bug in choose.py, not a result
         raise RuntimeError(f"{point.label}: picks not among the eligible plans: {stray}")
@@ -318,9 +321,11 @@ def header(args: argparse.Namespace, argv: Sequence[str]) -> str:
         f"- grid: {grid_text}; dtypes {' '.join(args.dtypes)}; dropout {args.dropout:g}; max "
         f"N·d_in·d_out {cap}: {len(args.points)} points kept, {args.skipped} skipped",
         "- sites: one adapter, no bias, x, A and B require grad, training",
-        f"- truth: every eligible plan (saved bytes ≤ eager PEFT's), fwd+bwd median over "
-        f"interleaved rounds (≥ {args.truth_min_rounds} rounds and {args.truth_budget:g} s); "
-        f"'time' measures on its own at {BUDGET_S:g} s, before the truth",
+        f"- truth: every eligible plan (saved bytes ≤ eager PEFT's), fwd+bwd, median over "
+        f"{args.truth_sessions} sessions of fresh tensors of the median over interleaved rounds "
+        f"(≥ {args.truth_min_rounds} rounds and {args.truth_budget:g} s per session); 'time' "
+        f"measures on its own ({SESSIONS} sessions of ≥ {MIN_ROUNDS} rounds and {BUDGET_S:g} s), "
+        "before the truth",
         f"- a pick is within when its truth time ≤ (1 + {args.within:g}) × the best's; slowdown ="
         " truth(pick) / truth(best) − 1; 'reference' is eager PEFT's plan (a baseline, not a "
         "criterion)",

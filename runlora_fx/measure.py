@@ -22,9 +22,10 @@ from runlora_fx.site import LoraSite
 
 log = logging.getLogger("runlora_fx")
 
-# fwd+bwd of every plan at least MIN_ROUNDS times, and until BUDGET_S of timing has passed
-BUDGET_S = 0.3
-MIN_ROUNDS = 5
+# per session: fwd+bwd of every plan at least MIN_ROUNDS times and until BUDGET_S has passed
+BUDGET_S = 0.1
+MIN_ROUNDS = 3
+SESSIONS = 3  # sessions of fresh tensors; the median over them is a plan's time
 MAX_ROUNDS = 200
 FINALIST_RATIO = 1.15  # plans this close to the fastest are timed again before choosing
 
@@ -85,10 +86,22 @@ def time_plans(
     device: torch.device,
     budget_s: float = BUDGET_S,
     min_rounds: int = MIN_ROUNDS,
+    sessions: int = SESSIONS,
 ) -> dict[Plan, float]:
-    """Median seconds of one forward+backward per plan. Rounds interleave the plans, so drift
-    of the machine (clock, other load) hits every plan alike; the near-fastest plans get a
-    second, longer set of rounds."""
+    """Median seconds of one forward+backward per plan, over `sessions` sessions.
+
+    Each session draws fresh input tensors: where they land in memory moves some plans' times
+    by tens of percent on a CPU (measured: per-plan ratios 0.56–1.08 between two sessions), so
+    one session's ranking is one draw of that; the median over sessions is the plan's time."""
+    per_session = [_session(site, plans, device, budget_s, min_rounds) for _ in range(sessions)]
+    return {plan: statistics.median(s[plan] for s in per_session) for plan in plans}
+
+
+def _session(
+    site: LoraSite, plans: Sequence[Plan], device: torch.device, budget_s: float, min_rounds: int
+) -> dict[Plan, float]:
+    """One session: rounds interleave the plans, so drift of the machine (clock, other load)
+    hits every plan alike; the near-fastest plans get a second, longer set of rounds."""
     names, tensors, scales = site_inputs(site, device)
     wants_grad = [t for t in tensors if t.requires_grad]
     gen = torch.Generator(device=device).manual_seed(1)  # the caller's RNG stream is untouched
