@@ -82,9 +82,13 @@ def choose_within(
         return [], None
     criterion = sites[0][0].criterion
     key = CRITERIA[criterion]
-    reference = sum((d.memory_cap or 0) - reference_input_bytes(d.site) for d, _ in sites)
+    inputs = [reference_input_bytes(d.site) for d, _ in sites]  # once per site, not candidate
+    reference = sum((d.memory_cap or 0) - free for (d, _), free in zip(sites, inputs))
     limit = budget_bytes(budget, reference)
-    options = [[(key(c), decided_bytes(c, d.site)) for c in cands] for d, cands in sites]
+    options = [
+        [(key(c), c.cost.saved_bytes - free) for c in cands]
+        for (_, cands), free in zip(sites, inputs)
+    ]
     picks = knapsack(options, limit)
     note = (f"memory budget {limit} B for h/W_eff over {len(sites)} sites "
             f"(eager PEFT keeps {reference} B)")
