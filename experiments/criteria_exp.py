@@ -22,6 +22,7 @@ import shlex
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import NoReturn
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_lib
-from bench_lib import parse_device  # noqa: E402
+from bench_lib import TimeLimit, parse_device  # noqa: E402
 from runlora_fx.choose import CRITERIA, Candidate, Chooser, Decision
 from runlora_fx.measure import BUDGET_S, MAX_ROUNDS, MIN_ROUNDS, SESSIONS, time_plans
 from runlora_fx.plans import Plan, reference_plan
@@ -132,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dropout", type=float, default=0.0,
         help="LoRA dropout p; p > 0 makes the merged plans illegal")
     add("--truth_budget", type=positive(float), default=1.0,
-        help="seconds of interleaved rounds timing a point's eligible plans (the truth)")
+        help="seconds of interleaved rounds timing a point's eligible plans, per session of "
+             "the truth")
     add("--truth_sessions", type=positive(int), default=SESSIONS,
         help="sessions of fresh tensors; the truth is the median over them")
     add("--truth_min_rounds", type=positive(int), default=MIN_ROUNDS,
@@ -143,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
         "criterion's score against a truth that noisy")
     add("--within", type=positive(float), default=0.03,
         help="a pick is right when its time is at most (1 + this) × the best time")
+    add("--time_limit", type=positive(float), default=None,
+        help="seconds for the whole run: the grid stops before a point that would not fit (one "
+             "as long as the longest so far); the summary covers the points done and says so")
     add("--cache_dir", default=None,
         help="measurement cache of the criteria (default: a fresh temporary one, so 'time' "
              "measures on its own, independently of the truth)")
@@ -244,18 +249,26 @@ def measure_point(point: Point, choosers: dict[str, Chooser],
     return PointResult(point, eligible, truth, again, picks, decisions)
 
 
-def run(args: argparse.Namespace) -> list[PointResult]:
+def run(args: argparse.Namespace, limit: TimeLimit) -> list[PointResult]:
+    """Every point of the grid in order, or the first ones that fit in `limit`."""
     from tqdm import tqdm
 
-    results = []
+    results: list[PointResult] = []
+    longest = 0.0
     with tempfile.TemporaryDirectory(prefix="runlora-criteria-") as fresh:
         root = Path(args.cache_dir) if args.cache_dir else Path(fresh)
         # one Chooser per criterion for the whole run: roofline calibrates once per dtype
         choosers = {name: Chooser(name, root) for name in args.criterions}
         with tqdm(args.points, unit="point", file=sys.stderr) as bar:
             for point in bar:
+                if results and limit.left() < longest:
+                    print(f"# --time_limit {args.time_limit:g} s: stopping after "
+                          f"{len(results)} of {len(args.points)} points", flush=True)
+                    break
                 bar.set_postfix_str(point.label)
+                started = time.perf_counter()
                 results.append(measure_point(point, choosers, args))
+                longest = max(longest, time.perf_counter() - started)
     return results
 
 
@@ -326,7 +339,7 @@ def summary_tables(args: argparse.Namespace, results: Sequence[PointResult]) -> 
                        for title, subset in groups.items())
 
 
-def header(args: argparse.Namespace, argv: Sequence[str]) -> str:
+def header(args: argparse.Namespace, argv: Sequence[str], done: int) -> str:
     cap = "none" if args.max_mnk is None else f"{args.max_mnk}"
     pairs = " ".join(f"{a}x{b}" for a, b in args.dims)
     grid_text = ("--quick: " + ", ".join(f"N{n} {a}x{b} r{r}" for n, a, b, r in QUICK)
@@ -338,6 +351,9 @@ def header(args: argparse.Namespace, argv: Sequence[str]) -> str:
         f"- command: `{shlex.join([*allocator_env(), 'python', 'experiments/criteria_exp.py', *argv])}`",
         f"- grid: {grid_text}; dtypes {' '.join(args.dtypes)}; dropout {args.dropout:g}; max "
         f"N·d_in·d_out {cap}: {len(args.points)} points kept, {args.skipped} skipped",
+        *([] if done == len(args.points) else [
+            f"- **stopped by --time_limit {args.time_limit:g} s after {done} of "
+            f"{len(args.points)} points** (in grid order): the tables cover those only"]),
         "- sites: one adapter, no bias, x, A and B require grad, training",
         f"- truth: every eligible plan (saved bytes ≤ eager PEFT's), fwd+bwd, median over "
         f"{args.truth_sessions} sessions of fresh tensors of the median over interleaved rounds "
@@ -381,19 +397,21 @@ def write_csv(path: Path, args: argparse.Namespace, results: Sequence[PointResul
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    started = time.perf_counter()  # --time_limit counts from here
     args = parse_args(argv)
+    limit = TimeLimit(args.time_limit, start=started)
     torch.set_num_threads(args.threads)
     print(f"# criteria {' '.join(args.criterions)} on {args.device}: {len(args.points)} points "
           f"kept, {args.skipped} skipped (max N·d_in·d_out {args.max_mnk or 'none'})", flush=True)
-    results = run(args)
+    results = run(args, limit)
     tables = summary_tables(args, results)
     print(tables, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = row_names(args)
     (out / "criteria_summary.md").write_text(
-        f"{header(args, argv)}\n\n{tables}\n\n## Per point\n\n{LEGEND} In parentheses: the "
-        f"pick's slowdown against the best.\n\n{point_table(names, results)}\n")
+        f"{header(args, argv, len(results))}\n\n{tables}\n\n## Per point\n\n{LEGEND} In "
+        f"parentheses: the pick's slowdown against the best.\n\n{point_table(names, results)}\n")
     write_csv(out / "criteria_points.csv", args, results)
     print(f"wrote {out / 'criteria_summary.md'}, {out / 'criteria_points.csv'}")
     return 0

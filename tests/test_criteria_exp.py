@@ -118,6 +118,21 @@ def test_one_truth_measurement_drops_the_ceiling_row(tmp_path):
         {"flops": QUICK_POINTS, "reference": QUICK_POINTS})
 
 
+def test_time_limit_stops_the_grid_and_says_so(tmp_path):
+    out = tmp_path / "out"  # the first point always runs; none after it fits in 1 ms
+    command = [sys.executable, str(SCRIPT), "--quick", "--truth_budget", "0.01", "--threads", "1",
+               "--criterions", "flops", "--truth_sessions", "1", "--time_limit", "0.001",
+               "-o", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"stopping after 1 of {QUICK_POINTS} points" in result.stdout
+    summary = (out / "criteria_summary.md").read_text()
+    assert f"stopped by --time_limit 0.001 s after 1 of {QUICK_POINTS} points" in summary
+    assert score_rows(summary)["flops"][0] == "1"  # the table covers the one point done
+    with (out / "criteria_points.csv").open() as f:
+        assert len({row["point"] for row in csv.DictReader(f)}) == 1
+
+
 @pytest.mark.parametrize("argv", [
     ["--criterions", "flops", "speed"],  # unknown criterion
     ["--dtypes", "fp8"],  # unknown dtype
@@ -128,6 +143,7 @@ def test_one_truth_measurement_drops_the_ceiling_row(tmp_path):
     ["--dropout", "1.5"],
     ["--max_mnk", "10"],  # leaves no grid point
     ["--truth_repeats", "3"],
+    ["--time_limit", "0"],
 ])
 def test_bad_arguments_exit_2(argv, capsys):
     cli = load_cli()
