@@ -19,7 +19,7 @@ from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 from passes.find_sites import SiteMatch, find_sites
 from passes.recompute_tags import RecomputeTags
 from passes.rewrite import rewrite_site
-from passes.subgraphs import plan_subgraphs
+from passes.subgraphs import SubgraphPlan, plan_subgraphs
 from runlora_fx.budget import Budget, choose_within
 from runlora_fx.cache import default_cache_dir
 from runlora_fx.choose import Chooser, Decision
@@ -96,6 +96,27 @@ def plan_sites(
     return decisions, [warning] if warning else []
 
 
+def chooser_for(options: Options) -> Chooser:
+    """The Chooser `options` ask for; reads $RUNLORA_CACHE_DIR now, not at import."""
+    cache_dir = options.cache_dir or default_cache_dir()
+    return Chooser(options.criterion, cache_dir, budgeted=options.memory_budget is not None)
+
+
+def plan_graph(
+    gm: fx.GraphModule, report: GraphReport, chooser: Chooser, budget: Budget | None
+) -> tuple[list[SiteMatch], list[Decision], SubgraphPlan]:
+    """Find and decide every site of `gm` and of its checkpoint bodies, into `report`; nothing
+    is rewritten. Returns the top-level matches, their decisions and the bodies' plan."""
+    matches, report.skipped = find_sites(gm.graph)
+    decisions, report.warnings = plan_sites(matches, chooser, budget)
+    # Sites in checkpointed regions (each layer's tag_activation_checkpoint body): planned
+    # without the budget, since the region is recomputed and saves only its inputs.
+    inner = plan_subgraphs(gm, lambda ms: plan_sites(ms, chooser)[0], "runlora_sub")
+    report.decisions = decisions + inner.decisions
+    report.skipped += inner.skipped
+    return matches, decisions, inner
+
+
 def rewrite_sites(gm: fx.GraphModule, matches: list[SiteMatch], decisions: list[Decision]) -> None:
     for i, (match, decision) in enumerate(zip(matches, decisions)):
         rewrite_site(gm.graph, match, decision.chosen.plan, f"runlora_site_{i}")
@@ -127,20 +148,12 @@ class Backend:
         self.reports: list[GraphReport] = []
         self._ids = itertools.count()
         self.debug = DebugOutput(self.options)  # reads RUNLORA_DEBUG_DIR now, not at import
-        cache_dir = self.options.cache_dir or default_cache_dir()  # reads RUNLORA_CACHE_DIR
-        budgeted = self.options.memory_budget is not None
-        self.chooser = Chooser(self.options.criterion, cache_dir, budgeted)
+        self.chooser = chooser_for(self.options)
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         report = GraphReport.for_inputs(next(self._ids), example_inputs)
         self.reports.append(report)
-        matches, report.skipped = find_sites(gm.graph)
-        decisions, report.warnings = plan_sites(matches, self.chooser, self.options.memory_budget)
-        # Sites in checkpointed regions (each layer's tag_activation_checkpoint body): planned
-        # without the budget, since the region is recomputed and saves only its inputs.
-        inner = plan_subgraphs(gm, lambda ms: plan_sites(ms, self.chooser)[0], "runlora_sub")
-        report.decisions = decisions + inner.decisions
-        report.skipped += inner.skipped
+        matches, decisions, inner = plan_graph(gm, report, self.chooser, self.options.memory_budget)
         graph_debug = self.debug.start(report, gm)  # log lines; dump sites.json, report.md
         rewrite_sites(gm, matches, decisions)
         inner.rewrite()

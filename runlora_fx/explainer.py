@@ -22,12 +22,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from passes.find_sites import find_sites
 from runlora_fx import records
-from passes.subgraphs import plan_subgraphs
-from runlora_fx.backend import GraphReport, plan_sites
-from runlora_fx.cache import default_cache_dir
-from runlora_fx.choose import Chooser
+from runlora_fx.backend import GraphReport, chooser_for, plan_graph
 from runlora_fx.choose import Decision
 from runlora_fx.options import parse_options
 
@@ -108,13 +104,11 @@ def explain(
 
     `options` and `dynamic` mean what they mean to `torch.compile(model, backend="runlora",
     options=..., dynamic=...)`; pass the same ones to see the same choices (`criterion`,
-    `memory_budget` and `cache_dir` matter here, and `criterion="time"` times plans as the backend would; nothing is written to
-    `debug_dir`). The model's forward runs once, eagerly.
+    `memory_budget` and `cache_dir` matter here, and `criterion="time"` times plans as the
+    backend would; nothing is written to `debug_dir`). The model's forward runs once, eagerly.
     """
     parsed = parse_options(options)
-    chooser = Chooser(
-        parsed.criterion, parsed.cache_dir or default_cache_dir(), parsed.memory_budget is not None
-    )
+    chooser = chooser_for(parsed)
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         model = model._orig_mod  # explain the model, not the compiled wrapper around it
     reports: list[GraphReport] = []
@@ -123,11 +117,7 @@ def explain(
 
     def plan_only(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         report = GraphReport.for_inputs(len(reports), example_inputs)
-        matches, report.skipped = find_sites(gm.graph)
-        report.decisions, report.warnings = plan_sites(matches, chooser, parsed.memory_budget)
-        inner = plan_subgraphs(gm, lambda ms: plan_sites(ms, chooser)[0], "runlora_sub")
-        report.decisions += inner.decisions  # planned as the backend would; nothing rewritten
-        report.skipped += inner.skipped
+        plan_graph(gm, report, chooser, parsed.memory_budget)  # as the backend; no rewrite
         reports.append(report)
         graph_names.append(records.graph_name(report))
         dynamo_graphs.append(gm.print_readable(print_output=False))
