@@ -4,9 +4,10 @@ The budget covers the activations the plans decide about: each site's saved byte
 inputs eager PEFT saves there anyway (x, or D(x) under dropout, which every order that trains A
 reads) — that is, h per adapter and any kept W_eff, plus x where a plan would save it and PEFT
 does not. A fraction is of eager PEFT's own such bytes (its h's). Minimise Σ key(chosen plan)
-(keys add element-wise and compare lexicographically) subject to Σ those bytes ≤ budget. The dynamic programme keeps, after each site, the Pareto front of
-(total saved bytes, total key) over partial choices; a site has a handful of distinct saved
-sizes (h saved or not, W_eff kept or not), so the front stays small and the answer is exact.
+(keys add element-wise and compare lexicographically) subject to Σ those bytes ≤ budget.
+The dynamic programme keeps, after each site, the Pareto front of (total saved bytes, total
+key) over partial choices; a site has a handful of distinct saved sizes (h saved or not, W_eff
+kept or not), so the front stays small and the answer is exact.
 """
 
 from __future__ import annotations

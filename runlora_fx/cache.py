@@ -55,7 +55,7 @@ def _slug(text: str) -> str:
 class MeasurementCache:
     """Entries of one device under one torch version; `root=None` keeps nothing."""
 
-    def __init__(self, root: Path | None, device: torch.device) -> None:
+    def __init__(self, root: str | os.PathLike[str] | None, device: torch.device) -> None:
         self.folder = None if root is None else (
             Path(root) / _slug(torch.__version__) / _slug(device_name(device))
         )

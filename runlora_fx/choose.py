@@ -8,6 +8,7 @@ measurements the other two need, and `budget.py` the choice across sites under a
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -95,7 +96,12 @@ class Chooser:
     graph with the same site shapes) reuses them instead of measuring again.
     """
 
-    def __init__(self, criterion: str, cache_root: object = None, budgeted: bool = False) -> None:
+    def __init__(
+        self,
+        criterion: str,
+        cache_root: str | os.PathLike[str] | None = None,
+        budgeted: bool = False,
+    ) -> None:
         if criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {criterion!r}; choose one of {tuple(CRITERIA)}")
         self.criterion = criterion
@@ -108,7 +114,7 @@ class Chooser:
 
     def cache(self, device: str) -> MeasurementCache:
         if device not in self._caches:
-            self._caches[device] = MeasurementCache(self.cache_root, torch.device(device))  # type: ignore[arg-type]
+            self._caches[device] = MeasurementCache(self.cache_root, torch.device(device))
         return self._caches[device]
 
     def candidates(self, site: LoraSite) -> tuple[Candidate, ...]:
@@ -130,7 +136,9 @@ class Chooser:
         cap = reference_saved_bytes(site)
         return [c.plan for c in counted if self.budgeted or c.cost.saved_bytes <= cap]
 
-    def timings(self, site: LoraSite, plans: Sequence[Plan], progress: str = "") -> dict[str, float]:
+    def timings(
+        self, site: LoraSite, plans: Sequence[Plan], progress: str = ""
+    ) -> dict[str, float]:
         """Seconds per plan (by `describe()`), from this process, the disk cache or the device."""
         signature = site_signature(site)
         memo = repr(sorted(signature.items()))

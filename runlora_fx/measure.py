@@ -75,7 +75,8 @@ def site_inputs(
     return tuple(names), tensors, scales
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a clock read after it measures that work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -109,12 +110,12 @@ def _session(
     programs = {plan: program_for(plan, site) for plan in plans}
 
     def step(plan: Plan) -> float:
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         y = _PlannedLinearFunction.apply(programs[plan], "timing", scales, names, *tensors)
         if wants_grad:
             torch.autograd.grad(y, wants_grad, dy)
-        _synchronize(device)
+        synchronize(device)
         return time.perf_counter() - start
 
     for plan in plans:  # warm-up: allocator, kernel selection, caches

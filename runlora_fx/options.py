@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -58,7 +59,7 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
 def _check_budget(budget: object) -> None:
     valid = budget is None or (
         (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 0)
-        or (isinstance(budget, float) and budget > 0 and budget == budget and budget != float("inf"))
+        or (isinstance(budget, float) and budget > 0 and math.isfinite(budget))
     )
     if not valid:
         raise ValueError(

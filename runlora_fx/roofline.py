@@ -6,8 +6,8 @@
 `peak` (FLOP/s of a large matmul in the site's matmul dtype), `bandwidth` (bytes/s of a large
 elementwise add) and `launch` (seconds of a 1-element op: the fixed cost of one more kernel,
 which decides between plans of small sites) are measured once per device and dtype and kept in
-the measurement cache, so predicting costs nothing after the first run. Thin LoRA matmuls (one side r) land on the
-bandwidth roof, which is what FLOPs alone misjudge.
+the measurement cache, so predicting costs nothing after the first run. Thin LoRA matmuls (one
+side r) land on the bandwidth roof, which is what FLOPs alone misjudge.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import torch
 
 from runlora_fx.cache import MeasurementCache
 from runlora_fx.cost import step_costs
+from runlora_fx.measure import synchronize
 from runlora_fx.program import Program
 from runlora_fx.site import LoraSite
 
@@ -40,12 +41,10 @@ def _best_seconds(fn, device: torch.device, reps: int) -> float:
     fn()  # warm-up
     best = float("inf")
     for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return best
 
