@@ -8,6 +8,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# two pytest workers, one torch thread each: the suite is mostly single-threaded tracing
+PYTEST_WORKERS ?= 2
 BENCH_ARGS ?=
 
 .PHONY: test bench env clean
@@ -22,10 +24,11 @@ $(STAMP): pyproject.toml
 	fi
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test,bench]"
+	$(PY) -m pip install -q --no-deps "torchtune==0.6.1"
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) experiments/model_exp.py $(BENCH_ARGS)

@@ -12,9 +12,9 @@ import gc
 import math
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -22,35 +22,49 @@ from torch import nn
 from runlora_fx import Backend
 
 VARIANT_KINDS = ("peft", "peft+inductor", "floor")  # plus runlora:<criterion>
+# runlora with options of its own: runlora-unshared:<criterion> plans without GEMM sharing
+# (the plans before x·[W; A]ᵀ, dy·[W | s·B] and q/k/v groups existed)
+RUNLORA_KINDS = {"runlora": {}, "runlora-unshared": {"fusions": False}}
 
 
 @dataclass(frozen=True)
 class Variant:
-    """An implementation in the table: `peft`, `peft+inductor`, `floor`, `runlora:<criterion>`."""
+    """An implementation in the table: `peft`, `peft+inductor`, `floor`, `runlora:<criterion>`,
+    `runlora-unshared:<criterion>`."""
 
     name: str
 
     @property
+    def kind(self) -> str:
+        return self.name.split(":", 1)[0]
+
+    @property
     def criterion(self) -> str | None:
-        return self.name.split(":", 1)[1] if self.name.startswith("runlora:") else None
+        return self.name.split(":", 1)[1] if self.kind in RUNLORA_KINDS else None
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(RUNLORA_KINDS.get(self.kind, {}))
 
     @property
     def label(self) -> str:
         labels = {"peft": "PEFT", "peft+inductor": "PEFT+Inductor", "floor": "Floor+Inductor"}
-        return labels.get(self.name) or f"RunLoRA ({self.criterion})"
+        unshared = ", no GEMM sharing" if self.kind == "runlora-unshared" else ""
+        return labels.get(self.name) or f"RunLoRA ({self.criterion}{unshared})"
 
 
 def variant_error(name: str, criteria: Sequence[str]) -> str | None:
     """Why `name` is not a variant, or None when it is."""
     if name in VARIANT_KINDS:
         return None
-    if name.startswith("runlora:"):
-        criterion = name.split(":", 1)[1]
+    kind, _, criterion = name.partition(":")
+    if kind in RUNLORA_KINDS and criterion:
         if criterion in criteria:
             return None
         return f"unknown criterion {criterion!r} in variant {name!r}; valid: {', '.join(criteria)}"
     valid = [*VARIANT_KINDS, *(f"runlora:{c}" for c in criteria)]
-    return f"unknown variant {name!r}; valid: {', '.join(valid)}"
+    return (f"unknown variant {name!r}; valid: {', '.join(valid)} (and runlora-unshared:<c>, "
+            "without GEMM sharing)")
 
 
 # ---------------------------------------------------------------- models
@@ -62,6 +76,8 @@ class LoraSpec:
     alpha: float
     dropout: float
     target_modules: tuple[str, ...]
+    # lora_A/lora_B's dtype: fp32 (PEFT's default for any base) or the base model's dtype
+    adapter_dtype: torch.dtype = torch.float32
 
 
 def is_target(path: str, targets: Sequence[str]) -> bool:
@@ -89,9 +105,20 @@ def build_base(config, dtype: torch.dtype, device: torch.device, seed: int) -> n
 
 
 def add_lora(base: nn.Module, spec: LoraSpec, seed: int) -> nn.Module:
-    """A PEFT LoRA model on a copy of `base`; lora_B is drawn non-zero so the branch is live."""
+    """A PEFT LoRA model on a copy of `base`; lora_B is drawn non-zero so the branch is live.
+
+    Adapters in fp32 are PEFT's default (`get_peft_model(..., autocast_adapter_dtype=True)`):
+    on a bf16/fp16 base PEFT keeps lora_A/lora_B in fp32, casts each branch's input to fp32 and
+    the branch's result back to the base dtype. Adapters in the base dtype are the pure 16-bit
+    setup (`autocast_adapter_dtype=False`). lora_B is drawn in fp32 and then cast, so the pure
+    setup's adapters are the PEFT default's rounded to the base dtype.
+    """
     from peft import LoraConfig, get_peft_model
 
+    base_dtype = next(base.parameters()).dtype
+    if spec.adapter_dtype not in (torch.float32, base_dtype):
+        raise ValueError(f"adapters in {spec.adapter_dtype} on a {base_dtype} base: PEFT keeps "
+                         "adapters in fp32 or in the base model's dtype")
     config = LoraConfig(
         r=spec.r,
         lora_alpha=spec.alpha,
@@ -101,11 +128,16 @@ def add_lora(base: nn.Module, spec: LoraSpec, seed: int) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     torch.manual_seed(seed + 1)
-    model = get_peft_model(copy.deepcopy(base), config)
+    autocast = spec.adapter_dtype == torch.float32
+    model = get_peft_model(copy.deepcopy(base), config, autocast_adapter_dtype=autocast)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.02)
+            if "lora_B" in name:  # fp32 draw: the same values whatever the adapter dtype
+                param.copy_(torch.empty(param.shape, dtype=torch.float32).normal_(0.0, 0.02))
+    wrong = {p.dtype for n, p in model.named_parameters() if "lora_" in n} - {spec.adapter_dtype}
+    if wrong:
+        raise RuntimeError(f"PEFT built adapters in {', '.join(map(str, wrong))}, not "
+                           f"{spec.adapter_dtype} (autocast_adapter_dtype={autocast})")
     model.train()
     return model
 
@@ -141,15 +173,24 @@ def make_floor(base: nn.Module, targets: Sequence[str]) -> nn.Module:
     return base
 
 
+def runlora_options(criterion: str, inner: str, extra: Mapping[str, Any] | None = None) -> dict:
+    """A runlora variant's backend options: `extra` (the CLI's --options) plus its criterion."""
+    return {**(extra or {}), "criterion": criterion, "inner": inner}
+
+
 def compile_variant(
-    variant: Variant, model: nn.Module, inner: str
+    variant: Variant, model: nn.Module, inner: str, extra: Mapping[str, Any] | None = None
 ) -> tuple[nn.Module, Backend | None]:
-    """The callable a variant runs, and the runlora backend whose reports it fills (or None)."""
+    """The callable a variant runs, and the runlora backend whose reports it fills (or None).
+
+    `extra`: more runlora backend options (the CLI's --options), for the runlora variants only.
+    """
     if variant.name == "peft":
         return model, None
     if variant.criterion is None:  # peft+inductor, floor
         return torch.compile(model, dynamic=False), None
-    backend = Backend({"criterion": variant.criterion, "inner": inner})
+    backend = Backend(runlora_options(variant.criterion, inner, {**variant.options,
+                                                                  **(extra or {})}))
     return torch.compile(model, backend=backend, dynamic=False), backend
 
 

@@ -112,7 +112,7 @@ def rows_for(runners: Sequence[Runner], device_type: str) -> list[dict]:
             "ratio_vs_peft_inductor_p25": ratio_p25,
             "ratio_vs_peft_inductor_p75": ratio_p75,
             "overhead_recovered_pct": recovered,
-            "sites_rewritten": sum(len(r.decisions) for r in reports) if runner.backend else "",
+            "sites_rewritten": sum(r.sites_rewritten for r in reports) if runner.backend else "",
             "sites_skipped": sum(len(r.skipped) for r in reports) if runner.backend else "",
         })
     return rows
@@ -151,9 +151,13 @@ def plan_summary(runners: Sequence[Runner]) -> list[str]:
             continue
         decisions = [d for report in runner.backend.reports for d in report.decisions]
         skipped = [s for report in runner.backend.reports for s in report.skipped]
-        plans = Counter(d.chosen.plan.describe() for d in decisions)
+        plans = Counter(
+            (f"{len(d.sites)} sites as one: " if len(d.sites) > 1 else "") + d.chosen.plan.describe()
+            for d in decisions
+        )
         chosen = "; ".join(f"{n}× {plan}" for plan, n in plans.most_common()) or "none"
-        lines.append(f"- {runner.variant.label}: {len(decisions)} sites rewritten — {chosen}")
+        rewritten = sum(len(d.sites) for d in decisions)
+        lines.append(f"- {runner.variant.label}: {rewritten} sites rewritten — {chosen}")
         for why in Counter(s.reason for s in skipped).most_common():
             lines.append(f"  - skipped {why[1]}×: {why[0]}")
     return lines

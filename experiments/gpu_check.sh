@@ -22,8 +22,9 @@
 #
 # Assumes: a Python (first of $PYTHON, python3, .venv/bin/python whose torch sees CUDA) with a
 # CUDA build of torch 2.13 and transformers>=5, peft>=0.21, matplotlib, tqdm and networkx
-# installed; no network is needed. The runlora_fx package need not be installed: the repository
-# root is put on PYTHONPATH. Inductor caches compiled kernels under /tmp (torch's default).
+# installed; no network is needed. The runlora_fx package need not be installed: a linked copy of
+# the package as it installs (passes/ as runlora_fx/passes) goes on PYTHONPATH. Inductor caches
+# compiled kernels under /tmp (torch's default).
 set -euo pipefail
 
 OUT=${1:?usage: experiments/gpu_check.sh OUT_DIR (run from the repository root)}
@@ -52,11 +53,14 @@ if [[ -z $PY ]]; then
        "CUDA and that has transformers, peft, matplotlib, tqdm and networkx" >&2
   exit 2
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
+# the package as pip installs it: runlora_fx/ with passes/ inside it as runlora_fx/passes
+mkdir -p "$WORK/src/runlora_fx"
+ln -s "$PWD"/runlora_fx/*.py "$WORK/src/runlora_fx/"
+ln -s "$PWD/passes" "$WORK/src/runlora_fx/passes"
+export PYTHONPATH="$WORK/src${PYTHONPATH:+:$PYTHONPATH}"
 
 # name | share of the budget, % | arguments
 RUNS=(

@@ -5,6 +5,8 @@ says: same weights and batch for every variant, compile first (timed apart), the
 rounds until --min_run_time is spent, medians and paired ratios. With no arguments it runs the
 CPU-sized default job (DEFAULT_JOB: llama_20m, all 7 target modules, r 8, fp32, b 4, s 256,
 60 s of rounds) that `make bench` runs; with any argument the seed's defaults apply.
+`--dtype bf16` (or fp16) is PEFT's default setup: the base model in bf16, get_peft_model keeping
+lora_A/lora_B in fp32; `--adapter_dtype bf16` makes the adapters bf16 too (pure bf16).
 
     python experiments/model_exp.py -m configs/llama_60m.json --n_batch 4 --seq_len 256 -r 64
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import sys
@@ -44,12 +47,13 @@ from bench_lib import (  # noqa: E402
     measure_memory,
     missing_targets,
     parse_device,
+    runlora_options,
     state_storages,
     steps_per_round,
     variant_error,
     warm_up,
 )
-from runlora_fx import CRITERIA  # noqa: E402
+from runlora_fx import CRITERIA, parse_options  # noqa: E402
 from runlora_fx.options import INNER_COMPILERS  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,7 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("-r", "--lora_r", type=int, default=8, help="rank of the LoRA adapters")
     add("-a", "--lora_alpha", type=float, default=8.0, help="LoRA scaling factor (scale = alpha/r)")
     add("-d", "--lora_dropout", type=float, default=0.0, help="dropout on the LoRA branch input")
-    add("--dtype", default="fp32", help=f"parameter and activation dtype: {', '.join(DTYPES)}")
+    add("--dtype", default="fp32",
+        help=f"dtype of the base model's weights and activations: {', '.join(DTYPES)}")
+    add("--adapter_dtype", default=None, choices=list(DTYPES),
+        help="dtype of lora_A/lora_B. fp32 (the default) is PEFT's default for any --dtype "
+             "(get_peft_model's autocast_adapter_dtype=True: on a bf16/fp16 base each LoRA "
+             "branch's input is cast to fp32 and its result back); the same as a 16-bit --dtype "
+             "is the pure 16-bit setup (autocast_adapter_dtype=False)")
     add("--target_modules", nargs="+", default=list(ALL_TARGETS),
         help="module names that get LoRA adapters")
     add("--criterions", nargs="+", default=["flops"],
@@ -103,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
              "stands for one per --criterions (default: peft peft+inductor runlora floor)")
     add("--inner", default="inductor", choices=INNER_COMPILERS,
         help="compiler runlora hands its rewritten graphs to")
+    add("--options", default=None, metavar="JSON",
+        help="more runlora backend options, a JSON object merged into every runlora variant's "
+             "options, e.g. '{\"memory_budget\": 0.5}' (criterion and inner come from "
+             "--criterions and --inner)")
     add("--min_run_time", type=float, default=10.0,
         help="seconds of interleaved timed rounds (after compiling)")
     add("--min_rounds", type=int, default=5, help="at least this many rounds")
@@ -116,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="on CPU, also measure each variant's peak bytes in one profiled step")
     add("-o", "--out", default=None,
         help="prefix of the .csv/.md/.png outputs "
-             "(default: bench-out/<config>_b<n>_s<len>_r<r>_<dtype>)")
+             "(default: bench-out/<config>_b<n>_s<len>_r<r>_<dtype>, and "
+             "-adapters-<adapter_dtype> when the adapters are not fp32)")
     return parser
 
 
@@ -153,6 +168,67 @@ def check_numbers(args: argparse.Namespace, error: Callable[[str], NoReturn]) ->
         error(f"--min_run_time must not be negative, got {args.min_run_time:g}")
     if args.time_limit is not None and args.time_limit <= 0:
         error(f"--time_limit must be positive, got {args.time_limit:g}")
+
+
+def check_precision(args: argparse.Namespace, error: Callable[[str], NoReturn]) -> None:
+    """--adapter_dtype: fp32 (PEFT's default, any --dtype) or --dtype itself (pure 16-bit)."""
+    if args.adapter_dtype is None:
+        args.adapter_dtype = "fp32"
+    if args.adapter_dtype not in ("fp32", args.dtype):
+        choose = "fp32" if args.dtype == "fp32" else f"fp32 (PEFT's default) or {args.dtype}"
+        error(f"--adapter_dtype {args.adapter_dtype} does not go with --dtype {args.dtype}: "
+              f"PEFT keeps adapters in fp32 or in the base model's dtype; choose --adapter_dtype "
+              f"{choose}")
+
+
+def check_options(args: argparse.Namespace, error: Callable[[str], NoReturn]) -> None:
+    """--options: a JSON object; runlora_fx.parse_options judges it, once per criterion."""
+    args.runlora_options = {}
+    if args.options is None:
+        return
+    try:
+        extra = json.loads(args.options)
+    except json.JSONDecodeError as why:
+        error(f"--options is not valid JSON ({why}): give an object such as "
+              "'{\"memory_budget\": 0.5}'")
+    if not isinstance(extra, dict):
+        error(f"--options must be a JSON object of runlora option names to values, not "
+              f"{type(extra).__name__} {args.options!r}")
+    for key, flag in (("criterion", "--criterions"), ("inner", "--inner")):
+        if key in extra:
+            error(f"--options sets {key!r}: use {flag} instead")
+    for criterion in args.criterions:
+        try:
+            parse_options(runlora_options(criterion, args.inner, extra))
+        except ValueError as why:
+            error(f"--options: {why}")
+    args.runlora_options = extra
+
+
+def precision_tag(args: argparse.Namespace) -> str:
+    """The default output name's dtype: `bf16` (PEFT's default), `bf16-adapters-bf16` (pure)."""
+    if args.adapter_dtype == "fp32":
+        return args.dtype
+    return f"{args.dtype}-adapters-{args.adapter_dtype}"
+
+
+def precision_label(args: argparse.Namespace) -> str:
+    """The title's dtype: `fp32`; `bf16 (fp32 adapters)`, PEFT's default; `bf16 (bf16 adapters)`."""
+    if args.dtype == args.adapter_dtype == "fp32":
+        return "fp32"
+    return f"{args.dtype} ({args.adapter_dtype} adapters)"
+
+
+def precision_note(args: argparse.Namespace) -> str | None:
+    if args.dtype == "fp32":
+        return None
+    if args.adapter_dtype == "fp32":
+        return (f"Precision: {args.dtype} base model (the floor is the same {args.dtype} base), "
+                "lora_A/lora_B in fp32 — PEFT's default (get_peft_model's "
+                "autocast_adapter_dtype=True): each LoRA branch's input is cast to fp32 and its "
+                f"result back to {args.dtype}.")
+    return (f"Precision: pure {args.dtype} — base model and lora_A/lora_B in {args.dtype} "
+            "(get_peft_model(..., autocast_adapter_dtype=False)).")
 
 
 def check_names(args: argparse.Namespace, error: Callable[[str], NoReturn]) -> None:
@@ -198,29 +274,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_numbers(args, parser.error)
+    check_precision(args, parser.error)
     check_names(args, parser.error)
+    check_options(args, parser.error)
     check_model(args, parser.error)
     if args.out is None:
         name = f"{Path(args.model_name_or_config).stem}_b{args.n_batch}_s{args.seq_len}"
-        args.out = str(Path("bench-out") / f"{name}_r{args.lora_r}_{args.dtype}")
+        args.out = str(Path("bench-out") / f"{name}_r{args.lora_r}_{precision_tag(args)}")
     return args
+
+
+def build_models(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The frozen base in --dtype (the floor's model) and the PEFT model on a copy of it.
+
+    --dtype bf16 is PEFT's default setup: the base model built in bf16, then get_peft_model,
+    which keeps lora_A/lora_B in fp32 unless --adapter_dtype says bf16.
+    """
+    spec = LoraSpec(args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.target_modules),
+                    DTYPES[args.adapter_dtype])
+    base = build_base(args.config, DTYPES[args.dtype], device, args.seed)
+    return base, add_lora(base, spec, args.seed)
 
 
 def prepare(args: argparse.Namespace, device: torch.device) -> list[Runner]:
     """One frozen base, one PEFT model; each variant gets its own copy of the same weights."""
-    dtype = DTYPES[args.dtype]
-    spec = LoraSpec(args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.target_modules))
-    base = build_base(args.config, dtype, device, args.seed)
-    peft_model = add_lora(base, spec, args.seed)
+    base, peft_model = build_models(args, device)
     batch = make_batch(args.config.vocab_size, args.n_batch, args.seq_len, device, args.seed)
     runners = []
     for name in args.variants:
         variant = Variant(name)
         if name == "floor":
-            model = make_floor(base, spec.target_modules)
+            model = make_floor(base, args.target_modules)
         else:
             model = copy.deepcopy(peft_model)
-        runnable, backend = compile_variant(variant, model, args.inner)
+        runnable, backend = compile_variant(variant, model, args.inner, args.runlora_options)
         runners.append(Runner(variant, fb_step(runnable, batch), state_storages(model), backend))
     return runners
 
@@ -285,8 +374,12 @@ def notes_for(args: argparse.Namespace, measured: Measured, rows: list[dict]) ->
         f"{first['steps_per_round']} step(s) per variant. LoRA overhead recovered = "
         "(PEFT+Inductor − variant) / (PEFT+Inductor − floor).",
         f"Target modules: {' '.join(args.target_modules)}; alpha {args.lora_alpha:g}, dropout "
-        f"{args.lora_dropout:g}, runlora inner compiler {args.inner}.",
+        f"{args.lora_dropout:g}, runlora inner compiler {args.inner}"
+        + (f", runlora --options {options_text(args)}." if args.runlora_options else "."),
     ]
+    precision = precision_note(args)
+    if precision:
+        notes.append(precision)
     if device.type == "cpu" and args.profile_memory:
         peaks = ", ".join(f"{r['label']} {r['profiler_peak_mb']:.1f}" for r in rows)
         notes.append(f"Profiler peak per step, MB: {peaks}.")
@@ -308,14 +401,19 @@ def notes_for(args: argparse.Namespace, measured: Measured, rows: list[dict]) ->
     return notes
 
 
+def options_text(args: argparse.Namespace) -> str:
+    return json.dumps(args.runlora_options, sort_keys=True) if args.runlora_options else ""
+
+
 def write_outputs(args: argparse.Namespace, title: str, rows: list[dict], report: str) -> None:
     """<out>.csv (rows + the run's settings), <out>.md (the printed report), <out>.png."""
     from bench_report import write_chart, write_csv
 
     run_info = {"model": args.model_name_or_config, "n_batch": args.n_batch,
                 "seq_len": args.seq_len, "lora_r": args.lora_r, "lora_alpha": args.lora_alpha,
-                "lora_dropout": args.lora_dropout, "dtype": args.dtype, "device": args.device,
-                "threads": args.threads, "inner": args.inner,
+                "lora_dropout": args.lora_dropout, "dtype": args.dtype,
+                "adapter_dtype": args.adapter_dtype, "device": args.device,
+                "threads": args.threads, "inner": args.inner, "options": options_text(args),
                 "target_modules": " ".join(args.target_modules)}
     paths = {ext: Path(f"{args.out}.{ext}") for ext in ("csv", "md", "png")}  # 1.3b: no suffix
     paths["csv"].parent.mkdir(parents=True, exist_ok=True)
@@ -340,8 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     stem = Path(args.model_name_or_config).stem
     cuda = device.type == "cuda"
     where = torch.cuda.get_device_name(device) if cuda else f"{args.threads} threads"
-    title = (f"{stem} b={args.n_batch} s={args.seq_len} r={args.lora_r} {args.dtype} "
-             f"on {device.type} ({where})")
+    title = (f"{stem} b={args.n_batch} s={args.seq_len} r={args.lora_r} "
+             f"{precision_label(args)} on {device.type} ({where})")
     print(f"# {title}: variants {' '.join(args.variants)}, min_run_time {args.min_run_time:g} s",
           flush=True)
 

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from runlora_fx.execute import RECOMPUTE_ANNOTATION
 
-PASS_VERSION = "runlora-recompute-tags-1"  # change when the pass changes (FX cache key)
+PASS_VERSION = "runlora-recompute-tags-2"  # change when the pass changes (FX cache key)
 
 
 def dataflow(graph: fx.Graph) -> nx.DiGraph:
@@ -47,9 +47,21 @@ def tag_recompute(graph: fx.Graph) -> int:
     return tagged
 
 
+class StageError(Exception):
+    """A runlora stage that runs inside torch's compile (the tag pass) raised; the backend
+    falls back to plain compile and names the stage. The cause is `__cause__`."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(stage)
+        self.stage = stage
+
+
 class RecomputeTags(CustomGraphPass):
     def __call__(self, graph: fx.Graph) -> None:
-        tag_recompute(graph)
+        try:
+            tag_recompute(graph)
+        except Exception as error:
+            raise StageError("tag") from error
 
     def uuid(self) -> str:
         return PASS_VERSION

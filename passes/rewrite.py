@@ -1,32 +1,47 @@
-"""Replace a matched site's nodes with one call that runs its chosen plan."""
+"""Replace a matched unit's nodes with one call that runs its chosen plan."""
 
 from __future__ import annotations
 
+import operator
+
 import torch.fx as fx
 
-from passes.find_sites import SiteMatch
-from runlora_fx.execute import PlannedLoraLinear
+from runlora_fx.execute import PlannedLora
+from runlora_fx.operands import operands
+from runlora_fx.passes.find_sites import SiteMatch
 from runlora_fx.plans import Plan
+from runlora_fx.site import SiteGroup
 
 
-def rewrite_site(graph: fx.Graph, match: SiteMatch, plan: Plan, name: str) -> fx.Node:
-    """Execute `plan` for `match`: insert the planned call, reroute users, drop the old nodes."""
-    planned = PlannedLoraLinear(name, match.site, plan)
-    with graph.inserting_before(match.root):
-        node = graph.call_function(
-            planned,
-            (
-                match.x,
-                match.weight,
-                match.bias,
-                match.lora_inputs,
-                match.lora_a,
-                match.lora_b,
-                match.scales,
-            ),
-        )
-    node.meta.update(match.root.meta)
-    match.root.replace_all_uses_with(node)
-    for old in reversed(match.owned):  # users before producers
+def rewrite_unit(graph: fx.Graph, members: tuple[SiteMatch, ...], plan: Plan, name: str,
+                 replaced: dict[fx.Node, fx.Node]) -> None:
+    """Execute `plan` for the unit: insert the planned call where its first member's result
+    was, reroute each member's users to its result, drop the old nodes. `replaced` maps the
+    results of units rewritten before to their new nodes (a site may read another's result),
+    and gets this unit's."""
+    unit = SiteGroup(tuple(m.site for m in members))
+    planned = PlannedLora(name, unit, plan)
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    first = min((m.root for m in members), key=order.__getitem__)
+    scales = tuple(s for m in members for s in m.scales)
+    with graph.inserting_before(first):
+        tensors = []
+        for op in operands(unit):
+            match = members[op.member]
+            node = replaced.get(match.node_for(op), match.node_for(op))
+            if (op.role, op.adapter) in match.transposed:  # stored in×out: read A.t(), a view
+                node = graph.call_method("t", (node,))
+            tensors.append(node)
+        call = graph.call_function(planned, (tuple(tensors), scales))
+        results = [call] if len(members) == 1 else [
+            graph.call_function(operator.getitem, (call, i)) for i in range(len(members))
+        ]
+    for member, result in zip(members, results):
+        result.meta.update(member.root.meta)
+        member.root.replace_all_uses_with(result)
+        replaced[member.root] = result
+    if len(members) > 1:
+        call.meta["example_value"] = tuple(m.root.meta.get("example_value") for m in members)
+    owned = sorted({n for m in members for n in m.owned}, key=order.__getitem__)
+    for old in reversed(owned):  # users before producers
         graph.erase_node(old)
-    return node

@@ -1,13 +1,15 @@
 """runlora-fx: a torch.compile backend that rewrites every LoRA linear into its cheapest
 equivalent contraction order, then hands the graph to Inductor."""
 
-from runlora_fx.backend import Backend, GraphReport, runlora
+from runlora_fx.backend import Backend, runlora
 from runlora_fx.choose import CRITERIA, Candidate, Chooser, Decision, choose
 from runlora_fx.cost import Cost, cost_of
 from runlora_fx.explainer import Explanation, explain
 from runlora_fx.options import Options, parse_options
 from runlora_fx.plans import Plan, plans_for, reference_plan
-from runlora_fx.site import Adapter, LoraSite, SkippedSite
+from runlora_fx.precision import Precision, Rounding
+from runlora_fx.records import GraphReport
+from runlora_fx.site import Adapter, LoraSite, SiteGroup, SkippedSite
 
 __all__ = [
     "Adapter",
@@ -22,6 +24,9 @@ __all__ = [
     "LoraSite",
     "Options",
     "Plan",
+    "Precision",
+    "Rounding",
+    "SiteGroup",
     "SkippedSite",
     "choose",
     "cost_of",

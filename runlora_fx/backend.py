@@ -1,12 +1,17 @@
-"""The `runlora` torch.compile backend: find → plan → choose → rewrite → tag → compile.
+"""The `runlora` torch.compile backend: find → choose → rewrite → tag → compile.
 
-Each stage is a named function; the stage names reappear in `GraphReport`. The backend holds no
-module state: every torch.compile call gets its own `Backend` and its own reports.
+Each stage is a function below; its name is the word the INFO lines, `GraphReport.stages` and
+the debug dump use. The backend holds no module state: every torch.compile call gets its own
+`Backend` and its own reports. A failure inside runlora's own stages never stops training:
+that graph is compiled as plain torch.compile would compile it, with one warning naming the
+stage and the exception (option strict=True raises instead).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -16,42 +21,24 @@ import torch.fx as fx
 from torch._functorch._aot_autograd.utils import make_boxed_func
 from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
-from passes.find_sites import SiteMatch, find_sites
-from passes.recompute_tags import RecomputeTags
-from passes.rewrite import rewrite_site
-from passes.subgraphs import SubgraphPlan, plan_subgraphs
 from runlora_fx.budget import Budget, choose_within
 from runlora_fx.cache import default_cache_dir
 from runlora_fx.choose import Chooser, Decision
-from runlora_fx.guards import choose_over_n
 from runlora_fx.debug import DebugOutput
 from runlora_fx.options import INNER_COMPILERS, Options, parse_options
-from runlora_fx.site import SkippedSite
+from runlora_fx.passes.find_sites import find_sites
+from runlora_fx.passes.graphs import GraphPart, graph_parts, working_copy
+from runlora_fx.passes.group_sites import Unit, group_sites
+from runlora_fx.passes.lora_modules import unrecognised
+from runlora_fx.passes.recompute_tags import RecomputeTags, StageError
+from runlora_fx.passes.rewrite import rewrite_unit
+from runlora_fx.records import GraphReport
+from runlora_fx.site import SiteGroup, SkippedSite
+from runlora_fx.units import choose_unit
 
+log = logging.getLogger("runlora_fx")
 
-@dataclass
-class GraphReport:
-    """What happened to one compiled graph; the partitioned graphs arrive as they compile."""
-
-    graph_id: int
-    decisions: list[Decision] = field(default_factory=list)
-    skipped: list[SkippedSite] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)  # e.g. an infeasible memory budget
-    parameter_inputs: tuple[bool, ...] = ()  # per graph input: is it an nn.Parameter
-    forward: fx.GraphModule | None = None
-    backward: fx.GraphModule | None = None
-    # called as f("forward" | "backward", gm) when a partitioned graph arrives (the debug dump)
-    on_partition: list[Callable[[str, fx.GraphModule], None]] = field(
-        default_factory=list, repr=False, compare=False
-    )
-
-    @classmethod
-    def for_inputs(cls, graph_id: int, example_inputs: Sequence[Any]) -> GraphReport:
-        """A fresh report; parameters among the inputs are told apart for the saved-set checks."""
-        return cls(
-            graph_id=graph_id,
-            parameter_inputs=tuple(isinstance(t, torch.nn.Parameter) for t in example_inputs),
-        )
+STAGES = ("find", "choose", "rewrite", "tag", "compile")
 
 
 def eager_inner(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
@@ -76,74 +63,144 @@ def record_partitions(inner: Callable, report: GraphReport) -> Callable:
     return compile_partition
 
 
-def plan_sites(
-    matches: list[SiteMatch], chooser: Chooser, budget: Budget | None = None
+@dataclass
+class Found:
+    """One graph part's planning units (groups of sites reading one x, or single sites)."""
+
+    part: GraphPart
+    units: list[Unit] = field(default_factory=list)
+
+
+@dataclass
+class Chosen:
+    """A unit as the choose stage settled it: the members one decision covers."""
+
+    part: GraphPart
+    members: Unit
+    decision: Decision
+
+
+# ---- the stages --------------------------------------------------------------------------------
+
+
+def find(gm: fx.GraphModule, report: GraphReport, grouping: bool = True) -> list[Found]:
+    """Every site of `gm` and of its higher-order-op bodies, grouped into planning units; the
+    skipped ones (with reasons) and the LoRA-like modules no site covers go to `report`."""
+    parts = [(part, *find_sites(part.module.graph)) for part in graph_parts(gm)]
+    # a module whose LoRA runs in a checkpoint body is covered there, not missed at the top
+    covered = [x.site.path for _, matches, _ in parts for x in matches]
+    covered += [s.path for _, _, skipped in parts for s in skipped]
+    found = []
+    for part, matches, skipped in parts:
+        if part.blocked_by is None:  # a blocked body's LoRA modules are its caller's
+            skipped += unrecognised(part.module.graph, covered)
+        else:
+            skipped += [SkippedSite(m.site.path, part.blocked_reason()) for m in matches]
+            matches = []
+        report.skipped += [SkippedSite(s.path, part.reason_prefix + s.reason) for s in skipped]
+        units = group_sites(matches) if grouping else [(m,) for m in matches]
+        found.append(Found(part, units))
+    return found
+
+
+def choose(
+    found: list[Found], report: GraphReport, chooser: Chooser, budget: Budget | None
+) -> list[Chosen]:
+    """A decision per unit (or per member, where sharing GEMMs does not pay). Under a memory
+    budget the top-level graph's sites are chosen together (budget.py), one by one; sites in
+    checkpointed bodies are planned without it, since the region is recomputed and saves only
+    its inputs."""
+    chosen: list[Chosen] = []
+    for item in found:
+        units = item.units
+        chooser.measure_ahead([SiteGroup(tuple(m.site for m in u)) for u in units])
+        if budget is not None and not item.part.name:
+            singles = [(m,) for unit in units for m in unit]
+            decisions, report.warnings = _within_budget(singles, chooser, budget)
+            chosen += [Chosen(item.part, u, d) for u, d in zip(singles, decisions)]
+            continue
+        for unit in units:
+            decisions = choose_unit(SiteGroup(tuple(m.site for m in unit)), unit[0].n, chooser)
+            if len(decisions) == 1:
+                chosen.append(Chosen(item.part, unit, decisions[0]))
+            else:  # the members planned one by one
+                chosen += [Chosen(item.part, (m,), d) for m, d in zip(unit, decisions)]
+    report.decisions = [c.decision for c in chosen]
+    return chosen
+
+
+def _within_budget(
+    units: list[Unit], chooser: Chooser, budget: Budget
 ) -> tuple[list[Decision], list[str]]:
-    """One decision per site, and the warnings to surface. Without a budget the choice is per
-    site, for a symbolic N over a guarded range (guards.py); under a memory budget it is made
-    across sites (budget.py), at N's size hint."""
-    chooser.measure_ahead([m.site for m in matches])
-    if budget is None:
-        return [choose_over_n(match, chooser) for match in matches], []
-    pairs = [(d, d.candidates) for d in (chooser.choose(m.site) for m in matches)]
+    pairs = [(d, d.candidates) for d in (chooser.choose(u[0].site) for u in units)]
     decisions, warning = choose_within(pairs, budget)
-    symbolic = [m.site.n_symbolic is not None for m in matches]
     decisions = [
         replace(d, note=f"{d.note}; N symbolic, budget judged at its hint N={d.site.n}")
-        if is_symbolic else d
-        for d, is_symbolic in zip(decisions, symbolic)
+        if d.site.n_symbolic is not None else d
+        for d in decisions
     ]
     return decisions, [warning] if warning else []
 
 
-def chooser_for(options: Options) -> Chooser:
-    """The Chooser `options` ask for; reads $RUNLORA_CACHE_DIR now, not at import."""
-    cache_dir = options.cache_dir or default_cache_dir()
-    return Chooser(options.criterion, cache_dir, budgeted=options.memory_budget is not None)
+def rewrite(chosen: list[Chosen]) -> None:
+    """Replace each chosen unit by its planned call, in the graph part it was found in."""
+    modules: dict[int, fx.GraphModule] = {}
+    counters = itertools.count()
+    replaced: dict[fx.Node, fx.Node] = {}  # a site's result → its planned call's
+    for item in chosen:
+        name = f"runlora_{item.part.name + '_' if item.part.name else ''}{next(counters)}"
+        plan = item.decision.chosen.plan
+        rewrite_unit(item.part.module.graph, item.members, plan, name, replaced)
+        modules[id(item.part.module)] = item.part.module
+    for module in modules.values():
+        module.graph.lint()
+        module.recompile()
 
 
-def plan_graph(
-    gm: fx.GraphModule, report: GraphReport, chooser: Chooser, budget: Budget | None
-) -> tuple[list[SiteMatch], list[Decision], SubgraphPlan]:
-    """Find and decide every site of `gm` and of its checkpoint bodies, into `report`; nothing
-    is rewritten. Returns the top-level matches, their decisions and the bodies' plan."""
-    matches, report.skipped = find_sites(gm.graph)
-    decisions, report.warnings = plan_sites(matches, chooser, budget)
-    # Sites in checkpointed regions (each layer's tag_activation_checkpoint body): planned
-    # without the budget, since the region is recomputed and saves only its inputs.
-    inner = plan_subgraphs(gm, lambda ms: plan_sites(ms, chooser)[0], "runlora_sub")
-    report.decisions = decisions + inner.decisions
-    report.skipped += inner.skipped
-    return matches, decisions, inner
-
-
-def rewrite_sites(gm: fx.GraphModule, matches: list[SiteMatch], decisions: list[Decision]) -> None:
-    for i, (match, decision) in enumerate(zip(matches, decisions)):
-        rewrite_site(gm.graph, match, decision.chosen.plan, f"runlora_site_{i}")
-    gm.graph.lint()
-    gm.recompile()
-
-
-def compile_rewritten(
+def compile(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
     options: Options,
     mode: str | None,
     report: GraphReport,
+    tag: bool = True,
 ) -> Callable:
+    """Hand the graph to AOTAutograd and the inner compiler; `tag` installs the joint-graph pass
+    that makes the partitioner recompute what the plans recompute."""
     config: dict[str, Any] = dict(torch._inductor.list_mode_options(mode)) if mode else {}
-    config["joint_custom_pre_pass"] = RecomputeTags()
+    if tag:
+        config["joint_custom_pre_pass"] = RecomputeTags()
     inner = record_partitions(INNER[options.inner], report)
     # The AOTAutograd cache would skip the joint pass and the recording on a hit.
     with torch._functorch.config.patch(enable_autograd_cache=False):
         return compile_fx(gm, example_inputs, inner_compile=inner, config_patches=config)
 
 
+# ---- the backend -------------------------------------------------------------------------------
+
+
+def chooser_for(options: Options) -> Chooser:
+    """The Chooser `options` ask for; reads $RUNLORA_CACHE_DIR now, not at import."""
+    cache_dir = options.cache_dir or default_cache_dir()
+    return Chooser(options.criterion, cache_dir, budgeted=options.memory_budget is not None,
+                   rounding=options.rounding, fusions=options.fusions)
+
+
+def plan(gm: fx.GraphModule, report: GraphReport, options: Options,
+         chooser: Chooser) -> list[Chosen]:
+    """find then choose, into `report`: what the backend would rewrite (explain() stops here)."""
+    found = find(gm, report, grouping=options.fusions and options.memory_budget is None)
+    report.stages.append("find")
+    chosen = choose(found, report, chooser, options.memory_budget)
+    report.stages.append("choose")
+    return chosen
+
+
 class Backend:
     """A `torch.compile` backend object; `reports` has one entry per graph it compiled."""
 
     def __init__(self, options: Mapping[str, Any] | None = None, mode: str | None = None):
-        self.options = parse_options(options)
+        self.options = parse_options(options)  # reads $RUNLORA_STRICT now, not at import
         self.mode = None if mode in (None, "default") else mode
         self.reports: list[GraphReport] = []
         self._ids = itertools.count()
@@ -153,12 +210,41 @@ class Backend:
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         report = GraphReport.for_inputs(next(self._ids), example_inputs)
         self.reports.append(report)
-        matches, decisions, inner = plan_graph(gm, report, self.chooser, self.options.memory_budget)
-        graph_debug = self.debug.start(report, gm)  # log lines; dump sites.json, report.md
-        rewrite_sites(gm, matches, decisions)
-        inner.rewrite()
-        graph_debug.rewritten(gm)
-        return compile_rewritten(gm, example_inputs, self.options, self.mode, report)
+        graph_debug = None
+        try:
+            work = working_copy(gm)  # `gm` stays as captured: the fallback compiles it
+            chosen = plan(work, report, self.options, self.chooser)
+            graph_debug = self.debug.start(report, work)  # log lines; sites.json, report.md
+            rewrite(chosen)
+            report.stages.append("rewrite")
+            graph_debug.rewritten(work)
+            compiled = compile(work, example_inputs, self.options, self.mode, report)
+            report.stages += ["tag", "compile"]
+            return compiled
+        except Exception as error:  # noqa: BLE001 — contained: plain compile takes over
+            if self.options.strict:
+                raise
+            stage = STAGES[len(report.stages)]  # the first that did not finish
+            if stage == "tag":  # the tag pass runs inside compile_fx: it names itself
+                stage = error.stage if isinstance(error, StageError) else "compile"
+            return self._fall_back(gm, example_inputs, report, stage, error, graph_debug)
+
+    def _fall_back(self, gm: fx.GraphModule, example_inputs: Sequence[Any], report: GraphReport,
+                   stage: str, error: Exception, graph_debug: Any) -> Callable:
+        cause = error.__cause__ if isinstance(error, StageError) and error.__cause__ else error
+        report.failure = f"{stage}: {type(cause).__name__}: {cause}"
+        report.decisions = []  # nothing of runlora's runs in this graph
+        message = (f"runlora: the {stage} stage raised {type(cause).__name__}: {cause}; this "
+                   "graph is compiled as plain torch.compile would (options strict=True raises)")
+        log.warning(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+        report.forward = report.backward = None
+        report.on_partition.clear()
+        if graph_debug is None:
+            graph_debug = self.debug.start(report, gm)
+        else:
+            graph_debug.planned(gm)  # the dump records the failure
+        return compile(gm, example_inputs, self.options, self.mode, report, tag=False)
 
 
 def runlora(

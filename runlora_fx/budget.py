@@ -15,25 +15,31 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from runlora_fx import operands as ops
 from runlora_fx.choose import CRITERIA, Candidate, Decision, SortKey
 from runlora_fx.plans import reference_plan
 from runlora_fx.program import program_for
-from runlora_fx.site import LoraSite
+from runlora_fx.site import LoraSite, SiteGroup
 
 log = logging.getLogger("runlora_fx")
 
 Budget = int | float  # bytes, or a fraction of eager PEFT's decided-about bytes at these sites
 
 
-def reference_input_bytes(site: LoraSite) -> int:
-    """Bytes of the inputs (x, D(x)) eager PEFT saves at the site: saved whatever we choose."""
-    saved = program_for(reference_plan(site), site).saved
-    inputs = [name for name in saved if name == "x" or name.startswith("xd")]
-    return len(inputs) * site.n * site.d_in * site.elt_bytes
+INPUTS = (ops.Role.X, ops.Role.LORA_INPUT)
 
 
-def decided_bytes(candidate: Candidate, site: LoraSite) -> int:
-    return candidate.cost.saved_bytes - reference_input_bytes(site)
+def reference_input_bytes(unit: LoraSite | SiteGroup) -> int:
+    """Bytes of the inputs (x, D(x)) eager PEFT saves at the unit: saved whatever we choose."""
+    saved = set(program_for(reference_plan(unit), unit).saved)
+    return sum(
+        op.dtype.itemsize * op.shape[0] * op.shape[1]
+        for op in ops.operands(unit) if op.role in INPUTS and op.name in saved
+    )
+
+
+def decided_bytes(candidate: Candidate, unit: LoraSite | SiteGroup) -> int:
+    return candidate.cost.saved_bytes - reference_input_bytes(unit)
 
 
 def budget_bytes(budget: Budget, reference_saved: int) -> int:
@@ -83,7 +89,7 @@ def choose_within(
         return [], None
     criterion = sites[0][0].criterion
     key = CRITERIA[criterion]
-    inputs = [reference_input_bytes(d.site) for d, _ in sites]  # once per site, not candidate
+    inputs = [reference_input_bytes(d.unit) for d, _ in sites]  # once per unit, not candidate
     reference = sum((d.memory_cap or 0) - free for (d, _), free in zip(sites, inputs))
     limit = budget_bytes(budget, reference)
     options = [
@@ -105,7 +111,7 @@ def choose_within(
         picks = [min(range(len(cands)), key=lambda j: memory(cands[j])) for _, cands in sites]
         note = f"{note}; infeasible, least-memory plans"
     decisions = [
-        Decision(d.site, criterion, cands[j], tuple(cands), None, d.n_range, note)
+        Decision(d.unit, criterion, cands[j], tuple(cands), None, d.n_range, note)
         for (d, cands), j in zip(sites, picks)
     ]
     return decisions, warning

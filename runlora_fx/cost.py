@@ -1,19 +1,23 @@
-"""Counted cost of a plan: pure integer functions of the site's shapes.
+"""Counted cost of a plan: pure integer functions of the unit's shapes and dtypes.
 
 FLOPs count matmuls only, 2·m·k·n each, exactly as `torch.utils.flop_counter` does; bytes moved
-count every step's operands and result once (m·k + k·n + m·n elements for a matmul);
-saved bytes are the activations the backward reads from the forward (weights excluded).
+count every step's operands and result once, each at its own dtype's size (m·k + k·n + m·n
+elements for a matmul; views — slices, transposes — move nothing); saved bytes are the
+activations the backward reads from the forward (weights excluded); `gemms` counts the matmul
+calls, which on a CPU cost more than their FLOPs say (DESIGN.md §6).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from runlora_fx import operands as ops
 from runlora_fx.plans import Plan
-from runlora_fx.program import Program, Step, is_parameter, program_for
-from runlora_fx.site import LoraSite
+from runlora_fx.program import Program, metas_of, program_for
+from runlora_fx.steps import Meta, Step, infer, mm_dims
+from runlora_fx.site import LoraSite, SiteGroup
 
-Shape = tuple[int, ...]
+VIEWS = ("slice", "t")
 
 
 @dataclass(frozen=True)
@@ -21,12 +25,21 @@ class Cost:
     flops: int
     bytes_moved: int
     saved_bytes: int
+    gemms: int = 0
+
+    def at(self, n: int, at_one: Cost) -> Cost:
+        """The cost at N = n, `self` being the cost at N = 0 and `at_one` at N = 1: every count
+        is affine in N (one side of each product is N or fixed)."""
+        return Cost(*(a + n * (b - a) for a, b in zip(
+            (self.flops, self.bytes_moved, self.saved_bytes, self.gemms),
+            (at_one.flops, at_one.bytes_moved, at_one.saved_bytes, at_one.gemms))))
 
     def __add__(self, other: Cost) -> Cost:
         return Cost(
             self.flops + other.flops,
             self.bytes_moved + other.bytes_moved,
             self.saved_bytes + other.saved_bytes,
+            self.gemms + other.gemms,
         )
 
 
@@ -37,75 +50,45 @@ class StepCost:
     bytes_moved: int
 
 
-def input_shapes(site: LoraSite) -> dict[str, Shape]:
-    shapes: dict[str, Shape] = {
-        "x": (site.n, site.d_in),
-        "W": (site.d_out, site.d_in),
-        "b": (site.d_out,),
-        "dy": (site.n, site.d_out),
-    }
-    for k, adapter in enumerate(site.adapters):
-        shapes[f"xd{k}"] = (site.n, site.d_in)
-        shapes[f"A{k}"] = (adapter.r, site.d_in)
-        shapes[f"B{k}"] = (site.d_out, adapter.r)
-    return shapes
-
-
-def _numel(shape: Shape) -> int:
-    total = 1
+def _nbytes(meta: Meta) -> int:
+    shape, dtype = meta
+    total = dtype.itemsize
     for dim in shape:
         total *= dim
     return total
 
 
-def _mm_dims(step: Step, shapes: dict[str, Shape]) -> tuple[int, int, int]:
-    """(m, k, n) of `op(a) @ op(b)`."""
-    a, b = (shapes[name] for name in step.args)
-    m, k = (a[1], a[0]) if step.transpose[0] else a
-    k2, n = (b[1], b[0]) if step.transpose[1] else b
-    assert k == k2, f"{step}: inner dims {k} != {k2}"
-    return m, k, n
-
-
-def _step_shape(step: Step, shapes: dict[str, Shape]) -> Shape:
-    if step.op == "mm":
-        m, _, n = _mm_dims(step, shapes)
-        return (m, n)
-    if step.op == "colsum":
-        return shapes[step.args[0]][1:]
-    return shapes[step.args[0]]  # scale and add keep the first operand's shape
-
-
-def step_costs(program: Program, site: LoraSite) -> list[StepCost]:
+def step_costs(program: Program, unit: LoraSite | SiteGroup) -> list[StepCost]:
     """Every step of forward then backward with its FLOPs and bytes, in program order."""
-    shapes = input_shapes(site)
-    elt = site.elt_bytes
+    metas = dict(ops.shapes_and_dtypes(unit))
     costs: list[StepCost] = []
     for step in (*program.forward, *program.backward):
-        shapes[step.out] = _step_shape(step, shapes)
+        metas[step.out] = infer(step, metas)
         if step.op == "mm":
-            m, k, n = _mm_dims(step, shapes)
-            flops, elements = 2 * m * k * n, m * k + k * n + m * n
+            m, k, n = mm_dims(step, metas)
+            elt = metas[step.out][1].itemsize
+            flops, moved = 2 * m * k * n, (m * k + k * n + m * n) * elt
+        elif step.op in VIEWS:
+            flops, moved = 0, 0
         else:
             flops = 0
-            elements = sum(_numel(shapes[a]) for a in step.args) + _numel(shapes[step.out])
-        costs.append(StepCost(step, flops, elements * elt))
+            moved = sum(_nbytes(metas[a]) for a in step.args) + _nbytes(metas[step.out])
+        costs.append(StepCost(step, flops, moved))
     return costs
 
 
-def saved_bytes(program: Program, site: LoraSite) -> int:
-    shapes = input_shapes(site)
-    for step in program.forward:
-        shapes[step.out] = _step_shape(step, shapes)
-    activations = [name for name in program.saved if not is_parameter(name)]
-    return sum(_numel(shapes[name]) for name in activations) * site.elt_bytes
+def saved_bytes(program: Program, unit: LoraSite | SiteGroup) -> int:
+    metas = metas_of(program, unit)
+    parameters = ops.parameter_names(unit)
+    return sum(_nbytes(metas[name]) for name in program.saved if name not in parameters)
 
 
-def cost_of(plan: Plan, site: LoraSite) -> Cost:
-    program = program_for(plan, site)
-    steps = step_costs(program, site)
+def cost_of(plan: Plan, unit: LoraSite | SiteGroup) -> Cost:
+    program = program_for(plan, unit)
+    steps = step_costs(program, unit)
     return Cost(
         flops=sum(s.flops for s in steps),
         bytes_moved=sum(s.bytes_moved for s in steps),
-        saved_bytes=saved_bytes(program, site),
+        saved_bytes=saved_bytes(program, unit),
+        gemms=sum(s.step.op == "mm" for s in steps),
     )

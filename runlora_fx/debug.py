@@ -24,15 +24,12 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch.fx as fx
 
 from runlora_fx import records
 from runlora_fx.options import Options
-
-if TYPE_CHECKING:
-    from runlora_fx.backend import GraphReport
+from runlora_fx.records import GraphReport
 
 ENV_VAR = "RUNLORA_DEBUG_DIR"
 GRAPH_FOLDER = re.compile(r"graph_(\d+)")

@@ -11,14 +11,18 @@ from typing import Any
 import torch
 from torch.fx.traceback import annotate
 
+from runlora_fx import operands as ops
 from runlora_fx.plans import Plan
-from runlora_fx.program import Program, Step, program_for
-from runlora_fx.site import LoraSite
+from runlora_fx.precision import round_to
+from runlora_fx.program import Program, program_for
+from runlora_fx.steps import Step
+from runlora_fx.site import LoraSite, SiteGroup, as_group
 
 # Forward nodes traced under this annotation are tagged MUST_RECOMPUTE by passes/recompute_tags.
 RECOMPUTE_ANNOTATION = "runlora_recompute"
 
 Scale = float | torch.SymFloat
+ACTIVATIONS = (ops.Role.X, ops.Role.LORA_INPUT, ops.Role.BASE_RESULT)  # N×… : flattened to 2-D
 
 
 def _apply(step: Step, env: dict[str, torch.Tensor], scales: Sequence[Scale]) -> torch.Tensor:
@@ -27,11 +31,24 @@ def _apply(step: Step, env: dict[str, torch.Tensor], scales: Sequence[Scale]) ->
         a, b = (t.t() if flip else t for t, flip in zip(args, step.transpose))
         return torch.mm(a, b)
     if step.op == "scale":
-        return args[0] * scales[step.adapter]
+        return args[0] * scales[step.scale]
     if step.op == "add":
         return functools.reduce(operator.add, args)
     if step.op == "colsum":
         return args[0].sum(0)
+    if step.op == "cast":
+        return args[0].to(step.dtype)
+    if step.op == "round":
+        assert step.dtype is not None
+        return round_to(args[0], step.dtype, step.rounding)
+    if step.op == "cat":
+        return torch.cat(args, step.dim)
+    if step.op == "slice":
+        return args[0].narrow(step.dim, step.start, step.stop - step.start)
+    if step.op == "t":
+        return args[0].t()
+    if step.op == "copy":
+        return args[0].clone(memory_format=torch.contiguous_format)
     raise AssertionError(f"unknown op {step.op}")
 
 
@@ -46,7 +63,9 @@ def run_steps(
             env[step.out] = _apply(step, env, scales)
 
 
-class _PlannedLinearFunction(torch.autograd.Function):
+class PlannedFunction(torch.autograd.Function):
+    """Forward and backward of one program over the unit's operand tensors (in `names`)."""
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
@@ -55,57 +74,46 @@ class _PlannedLinearFunction(torch.autograd.Function):
         scales: tuple[Scale, ...],
         names: tuple[str, ...],
         *tensors: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         env = dict(zip(names, tensors))
         run_steps(program.forward, env, scales, tag)
         ctx.program, ctx.scales, ctx.names, ctx.tag = program, scales, names, tag
         ctx.save_for_backward(*(env[name] for name in program.saved))
-        return env[program.output]
+        outputs = tuple(env[name] for name in program.outputs)
+        return outputs[0] if len(outputs) == 1 else outputs
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    def backward(ctx: Any, *dys: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         program: Program = ctx.program
         env = dict(zip(program.saved, ctx.saved_tensors))
-        env["dy"] = dy
+        env.update(zip(program.tangents, dys))
         run_steps(program.backward, env, ctx.scales, ctx.tag)
         grad_of = dict(program.grads)
         grads = tuple(env[grad_of[name]] if name in grad_of else None for name in ctx.names)
         return (None, None, None, None, *grads)
 
 
-class PlannedLoraLinear:
-    """The callable a rewritten graph calls in place of a site's nodes."""
+class PlannedLora:
+    """The callable a rewritten graph calls in place of a unit's nodes: it takes the unit's
+    operands (operands.py order; None where an operand is absent) and returns each member's
+    result, shaped like its base linear's."""
 
-    def __init__(self, name: str, site: LoraSite, plan: Plan) -> None:
+    def __init__(self, name: str, unit: LoraSite | SiteGroup, plan: Plan) -> None:
         self.__name__ = name  # FX codegen names the global after it
-        self.site = site
+        self.unit = as_group(unit)
         self.plan = plan
-        self.program = program_for(plan, site)
+        self.program = program_for(plan, self.unit)
+        self.operands = ops.operands(self.unit)
 
     def __call__(
-        self,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        lora_inputs: Sequence[torch.Tensor | None],
-        lora_a: Sequence[torch.Tensor],
-        lora_b: Sequence[torch.Tensor],
-        scales: Sequence[Scale],
-    ) -> torch.Tensor:
-        d_in = self.site.d_in
-        names: list[str] = ["x", "W"]
-        tensors: list[torch.Tensor] = [x.reshape(-1, d_in), weight]
-        if bias is not None:
-            names.append("b")
-            tensors.append(bias)
-        for k, xd in enumerate(lora_inputs):
-            if xd is not None:  # a dropout branch: its D(x) comes from the graph's own dropout
-                names.append(f"xd{k}")
-                tensors.append(xd.reshape(-1, d_in))
-        for k, (a, b) in enumerate(zip(lora_a, lora_b)):
-            names += [f"A{k}", f"B{k}"]
-            tensors += [a, b]
-        y = _PlannedLinearFunction.apply(
-            self.program, self.__name__, tuple(scales), tuple(names), *tensors
-        )
-        return y.reshape(*x.shape[:-1], self.site.d_out)
+        self, tensors: Sequence[torch.Tensor], scales: Sequence[Scale]
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        x = tensors[0]
+        lead = x.shape[:-1]
+        flat = [t.reshape(-1, t.shape[-1]) if op.role in ACTIVATIONS else t
+                for op, t in zip(self.operands, tensors)]
+        names = tuple(op.name for op in self.operands)
+        out = PlannedFunction.apply(self.program, self.__name__, tuple(scales), names, *flat)
+        outs = out if isinstance(out, tuple) else (out,)
+        shaped = tuple(y.reshape(*lead, site.d_out) for y, site in zip(outs, self.unit.members))
+        return shaped[0] if len(shaped) == 1 else shaped

@@ -23,9 +23,11 @@ import torch
 import torch.fx as fx
 
 from runlora_fx import records
-from runlora_fx.backend import GraphReport, chooser_for, plan_graph
+from runlora_fx.backend import chooser_for, plan
 from runlora_fx.choose import Decision
 from runlora_fx.options import parse_options
+from runlora_fx.passes.graphs import working_copy
+from runlora_fx.records import GraphReport
 
 
 class Explanation:
@@ -117,7 +119,13 @@ def explain(
 
     def plan_only(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         report = GraphReport.for_inputs(len(reports), example_inputs)
-        plan_graph(gm, report, chooser, parsed.memory_budget)  # as the backend; no rewrite
+        try:
+            plan(working_copy(gm), report, parsed, chooser)  # as the backend; no rewrite
+        except Exception as error:  # noqa: BLE001 — as the backend: reported, not raised
+            if parsed.strict:
+                raise
+            report.failure = f"find/choose: {type(error).__name__}: {error}"
+            report.decisions = []
         reports.append(report)
         graph_names.append(records.graph_name(report))
         dynamo_graphs.append(gm.print_readable(print_output=False))

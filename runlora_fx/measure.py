@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
-from runlora_fx.execute import _PlannedLinearFunction
+from runlora_fx import operands as ops
+from runlora_fx.execute import PlannedFunction
 from runlora_fx.plans import Plan
 from runlora_fx.program import program_for
-from runlora_fx.site import LoraSite
+from runlora_fx.site import LoraSite, SiteGroup, as_group
 
 log = logging.getLogger("runlora_fx")
 
@@ -30,49 +31,34 @@ MAX_ROUNDS = 200
 FINALIST_RATIO = 1.15  # plans this close to the fastest are timed again before choosing
 
 
-def site_signature(site: LoraSite) -> dict[str, Any]:
-    """Everything a plan's time depends on (not the path, the scale value or the symbol)."""
-    return {
+def unit_signature(unit: LoraSite | SiteGroup) -> dict[str, Any]:
+    """Everything a plan's time depends on (not the paths, the scale values or the symbol)."""
+    members = as_group(unit).members
+    site = members[0]
+    signature: dict[str, Any] = {
         "device": site.device,
-        "dtype": str(site.dtype),
-        "compute_dtype": str(site.matmul_dtype),
-        "n": site.n,
-        "d_in": site.d_in,
-        "d_out": site.d_out,
-        "adapters": [
-            [a.r, a.dropout_p > 0, a.a_requires_grad, a.b_requires_grad] for a in site.adapters
-        ],
-        "bias": [site.has_bias, site.bias_requires_grad],
-        "x_requires_grad": site.x_requires_grad,
+        "operands": [[op.name, list(op.shape), str(op.dtype), op.requires_grad]
+                     for op in ops.operands(unit)],
+        "result_dtype": [str(s.result_dtype) for s in members],
+        "compute_dtype": [str(site.base_dtype), str(site.lora_dtype)],
+        "layout": [s.weight_layout.name for s in members],
     }
+    return signature
 
 
-def site_inputs(
-    site: LoraSite, device: torch.device
+def unit_inputs(
+    unit: LoraSite | SiteGroup, device: torch.device
 ) -> tuple[tuple[str, ...], list[torch.Tensor], tuple[float, ...]]:
-    """Names, random tensors (leaves, requiring grad as at the site) and scales for a site."""
+    """Names, random tensors (leaves, requiring grad as at the unit) and scales for a unit."""
     gen = torch.Generator(device=device).manual_seed(0)
-    dtype = site.matmul_dtype  # autocast sites run their matmuls in it
-
-    def rand(*shape: int, grad: bool = False, std: float = 1.0) -> torch.Tensor:
-        t = torch.randn(*shape, generator=gen, device=device, dtype=dtype) * std
-        return t.requires_grad_(grad)
-
-    names, tensors = ["x", "W"], [rand(site.n, site.d_in, grad=site.x_requires_grad),
-                                  rand(site.d_out, site.d_in, std=site.d_in**-0.5)]
-    if site.has_bias:
-        names.append("b")
-        tensors.append(rand(site.d_out, grad=site.bias_requires_grad))
-    for k, a in enumerate(site.adapters):
-        if not a.reads_base_input:
-            names.append(f"xd{k}")
-            tensors.append(rand(site.n, site.d_in, grad=site.x_requires_grad))
-    for k, a in enumerate(site.adapters):
-        names += [f"A{k}", f"B{k}"]
-        tensors += [rand(a.r, site.d_in, grad=a.a_requires_grad, std=site.d_in**-0.5),
-                    rand(site.d_out, a.r, grad=a.b_requires_grad, std=a.r**-0.5)]
-    scales = tuple(a.scale if a.scale is not None else 1.0 for a in site.adapters)
-    return tuple(names), tensors, scales
+    members = as_group(unit).members
+    tensors = []
+    for op in ops.operands(unit):
+        fan_in = op.shape[-1] if op.role in (ops.Role.WEIGHT, ops.Role.LORA_A, ops.Role.LORA_B) else 1
+        t = torch.randn(*op.shape, generator=gen, device=device, dtype=torch.float32)
+        tensors.append((t * fan_in**-0.5).to(op.dtype).requires_grad_(op.requires_grad))
+    scales = tuple(a.scale if a.scale is not None else 1.0 for s in members for a in s.adapters)
+    return tuple(op.name for op in ops.operands(unit)), tensors, scales
 
 
 def synchronize(device: torch.device) -> None:
@@ -82,7 +68,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_plans(
-    site: LoraSite,
+    unit: LoraSite | SiteGroup,
     plans: Sequence[Plan],
     device: torch.device,
     budget_s: float = BUDGET_S,
@@ -94,27 +80,29 @@ def time_plans(
     Each session draws fresh input tensors: where they land in memory moves some plans' times
     by tens of percent on a CPU (measured: per-plan ratios 0.56–1.08 between two sessions), so
     one session's ranking is one draw of that; the median over sessions is the plan's time."""
-    per_session = [_session(site, plans, device, budget_s, min_rounds) for _ in range(sessions)]
+    per_session = [_session(as_group(unit), plans, device, budget_s, min_rounds)
+                   for _ in range(sessions)]
     return {plan: statistics.median(s[plan] for s in per_session) for plan in plans}
 
 
 def _session(
-    site: LoraSite, plans: Sequence[Plan], device: torch.device, budget_s: float, min_rounds: int
+    unit: SiteGroup, plans: Sequence[Plan], device: torch.device, budget_s: float, min_rounds: int
 ) -> dict[Plan, float]:
     """One session: rounds interleave the plans, so drift of the machine (clock, other load)
     hits every plan alike; the near-fastest plans get a second, longer set of rounds."""
-    names, tensors, scales = site_inputs(site, device)
+    names, tensors, scales = unit_inputs(unit, device)
     wants_grad = [t for t in tensors if t.requires_grad]
     gen = torch.Generator(device=device).manual_seed(1)  # the caller's RNG stream is untouched
-    dy = torch.randn(site.n, site.d_out, generator=gen, device=device, dtype=site.matmul_dtype)
-    programs = {plan: program_for(plan, site) for plan in plans}
+    dys = [torch.randn(s.n, s.d_out, generator=gen, device=device).to(s.result_dtype)
+           for s in unit.members]
+    programs = {plan: program_for(plan, unit) for plan in plans}
 
     def step(plan: Plan) -> float:
         synchronize(device)
         start = time.perf_counter()
-        y = _PlannedLinearFunction.apply(programs[plan], "timing", scales, names, *tensors)
+        out = PlannedFunction.apply(programs[plan], "timing", scales, names, *tensors)
         if wants_grad:
-            torch.autograd.grad(y, wants_grad, dy)
+            torch.autograd.grad(out, wants_grad, dys if isinstance(out, tuple) else dys[0])
         synchronize(device)
         return time.perf_counter() - start
 

@@ -9,8 +9,10 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from runlora_fx.choose import CRITERIA
+from runlora_fx.precision import Rounding
 
 INNER_COMPILERS = ("inductor", "eager")
+STRICT_ENV = "RUNLORA_STRICT"
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,13 @@ class Options:
     cache_dir: str | None = None  # measurement cache; None: $RUNLORA_CACHE_DIR or the user's
     # total saved bytes of the sites: bytes (int) or a fraction of eager PEFT's (float)
     memory_budget: int | float | None = None
+    merge_rounding: str = "nearest"  # how a merged 16-bit W_eff is rounded: or "stochastic"
+    fusions: bool = True  # plans that share a GEMM (x·[W;A]ᵀ, q/k/v groups) are candidates
+    strict: bool | None = None  # raise instead of falling back; None: $RUNLORA_STRICT == "1"
+
+    @property
+    def rounding(self) -> Rounding:
+        return Rounding(self.merge_rounding)
 
 
 def _check_choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -49,9 +58,16 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
             if not isinstance(options[key], (str, os.PathLike)):
                 raise ValueError(f"runlora: option {key}={options[key]!r} is not a path")
             options[key] = os.fspath(options[key])
+    for key in ("fusions", "strict"):
+        if key in options and not isinstance(options[key], bool):
+            raise ValueError(f"runlora: option {key}={options[key]!r} is not valid; give True "
+                             "or False")
+    if options.get("strict") is None:
+        options["strict"] = os.environ.get(STRICT_ENV, "") == "1"
     parsed = Options(**options)
     _check_choice("criterion", parsed.criterion, tuple(CRITERIA))
     _check_choice("inner", parsed.inner, INNER_COMPILERS)
+    _check_choice("merge_rounding", parsed.merge_rounding, tuple(r.value for r in Rounding))
     _check_budget(parsed.memory_budget)
     return parsed
 

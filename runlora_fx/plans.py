@@ -1,18 +1,20 @@
-"""Candidate plans of a site: one choice per contraction order (DESIGN.md §1).
+"""Candidate plans of a unit (a site, or sites reading the same x): one choice per contraction
+order (DESIGN.md §1), per dtype the LoRA products run in, and per way of sharing a GEMM.
 
 A `Plan` is plain data, like an opt_einsum path: the enumerator proposes every combination,
-`illegal_reason` says which are not equivalent for a given site, and `program.py` turns a legal
-plan into the ops that run. Choices that do not matter for a site are canonicalised to None so
-that each distinct computation appears once.
+`illegal_reason` says which are not equivalent for a given unit (precision.py adds the measured
+rule for 16-bit plans), and `program.py` turns a legal plan into the ops that run. Choices that
+do not matter for a unit are canonicalised to None / False so each computation appears once.
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
-from runlora_fx.site import LoraSite
+from runlora_fx.precision import Precision, Rounding, precision_reason
+from runlora_fx.site import Base, LoraSite, SiteGroup, as_group
 
 
 class Forward(enum.Enum):
@@ -48,6 +50,14 @@ class Plan:
     grad_a: GradA | None  # None: no A requires grad
     grad_b: GradB | None  # None: no B requires grad
     hidden: Hidden | None  # None: the backward does not read h
+    branch: Precision | None = None  # None: the LoRA products run in the base dtype anyway
+    rounding: Rounding | None = None  # None: nothing merged, or the base dtype is 32-bit
+    # GEMMs that share an operand, run as one (every output element is the same dot product):
+    fold_x: bool = False  # x·[W; A]ᵀ → a member's base product and its h's
+    fold_dy: bool = False  # dy·[W | s·B] → a member's dy·W (or dx) and its dh's
+    group_h: bool = False  # x·[A_1; A_2; …]ᵀ → every h of the unit
+    group_da: bool = False  # [dh_1 | dh_2 | …]ᵀ·x → every dA of the unit
+    stack_w: bool = False  # x·[W_1; W_2; …]ᵀ → every member's base product
 
     def describe(self) -> str:
         parts = [f"fwd {self.forward.value}"]
@@ -59,64 +69,156 @@ class Plan:
             parts.append(f"dB {self.grad_b.value}")
         if self.hidden is not None:
             parts.append(self.hidden.value)
+        if self.branch is not None:
+            parts.append(self.branch.value)
+        if self.rounding is not None:
+            parts.append(f"W_eff rounded {self.rounding.value}")
+        for flag, text in FUSIONS:
+            if getattr(self, flag):
+                parts.append(text)
         return " · ".join(parts)
+
+    @property
+    def merges(self) -> bool:
+        return self.forward is Forward.MERGED or self.reads_weff_in_backward
 
     @property
     def reads_weff_in_backward(self) -> bool:
         return self.input_grad in (InputGrad.MERGED_RECOMPUTE, InputGrad.MERGED_KEEP)
 
+    @property
+    def groups_members(self) -> bool:
+        """Shares a GEMM across sites (q/k/v), not only within one."""
+        return self.stack_w or self.group_h or self.group_da
 
-def reference_plan(site: LoraSite) -> Plan:
-    """What eager PEFT (and plain Inductor) computes: split everywhere, h saved."""
+
+FUSIONS = (
+    ("fold_x", "x·[W;A]ᵀ"),
+    ("fold_dy", "dy·[W|sB]"),
+    ("group_h", "x·[A…]ᵀ"),
+    ("group_da", "[dh…]ᵀx"),
+    ("stack_w", "x·[W…]ᵀ"),
+)
+
+
+def reference_plan(unit: LoraSite | SiteGroup) -> Plan:
+    """What eager PEFT (and plain Inductor) computes: split everywhere, h saved, each product in
+    the dtype the site runs it in."""
     return canonical(
-        Plan(Forward.SPLIT, InputGrad.SPLIT, GradA.VIA_DH, GradB.VIA_H, Hidden.SAVE), site
+        Plan(Forward.SPLIT, InputGrad.SPLIT, GradA.VIA_DH, GradB.VIA_H, Hidden.SAVE,
+             Precision.SITE),
+        unit,
     )
 
 
-def canonical(plan: Plan, site: LoraSite) -> Plan:
-    """Drop the choices the site makes irrelevant (grads not required, h not read)."""
-    any_a = any(a.a_requires_grad for a in site.adapters)
-    any_b = any(a.b_requires_grad for a in site.adapters)
+def _reads_x(site: LoraSite) -> int:
+    """How many of the site's adapters read x itself."""
+    return sum(a.reads_base_input for a in site.adapters)
+
+
+def canonical(plan: Plan, unit: LoraSite | SiteGroup) -> Plan:
+    """Drop the choices the unit makes irrelevant (grads not required, h not read, a dtype
+    that is already the base's, a GEMM with nothing to share)."""
+    members = as_group(unit).members
+    first = members[0]
+    any_a = any(a.a_requires_grad for s in members for a in s.adapters)
+    any_b = any(a.b_requires_grad for s in members for a in s.adapters)
     plan = replace(
         plan,
-        input_grad=plan.input_grad if site.x_requires_grad else None,
+        input_grad=plan.input_grad if first.x_requires_grad else None,
         grad_a=plan.grad_a if any_a else None,
         grad_b=plan.grad_b if any_b else None,
+        branch=plan.branch if first.lora_dtype != first.base_dtype else None,
+        rounding=plan.rounding if plan.merges and first.is_low_precision else None,
     )
     if plan.grad_b is not GradB.VIA_H:
         plan = replace(plan, hidden=None)
-    return plan
+    h_in_forward = plan.forward is Forward.SPLIT or plan.hidden is Hidden.SAVE
+    dh_in_backward = plan.grad_a is GradA.VIA_DH or plan.input_grad is InputGrad.SPLIT
+    opaque = any(s.base is Base.OPAQUE for s in members)
+    x_readers = sum(_reads_x(s) for s in members)
+    return replace(
+        plan,
+        fold_x=plan.fold_x and h_in_forward and not opaque and x_readers > 0,
+        # (not with W_eff kept: the partitioner would save [W_eff | s·B] instead of W_eff)
+        fold_dy=plan.fold_dy and plan.input_grad not in (None, InputGrad.MERGED_KEEP)
+        and dh_in_backward and not opaque,
+        group_h=plan.group_h and x_readers > 1 and (h_in_forward or plan.hidden is not None),
+        group_da=plan.group_da and plan.grad_a is GradA.VIA_DH and x_readers > 1,
+        stack_w=plan.stack_w and len(members) > 1 and not opaque,
+    )
 
 
-def illegal_reason(plan: Plan, site: LoraSite) -> str | None:
-    """Why `plan` is not equivalent to the site's math, or None when it is."""
-    merged = plan.forward is Forward.MERGED or plan.reads_weff_in_backward
-    if merged and not site.can_merge:
+def illegal_reason(plan: Plan, unit: LoraSite | SiteGroup) -> str | None:
+    """Why `plan` is not equivalent to the unit's math, or None when it is."""
+    members = as_group(unit).members
+    site = members[0]
+    if plan.merges and not all(s.can_merge for s in members):
+        if any(s.base is Base.OPAQUE for s in members):
+            return "merging W + sBA needs W as a tensor; this base is a quantized op"
         return "merging W + sBA needs every LoRA branch to read x itself (dropout is active)"
-    if merged and site.matmul_dtype.itemsize < 4:
-        return (
-            f"merging W + sBA in {str(site.matmul_dtype).removeprefix('torch.')} rounds away "
-            "every update below half an ulp of W (tests/test_dtypes.py measures it)"
-        )
     if site.x_requires_grad and plan.input_grad is None:
         return "x requires grad but the plan computes no dx"
-    if any(a.a_requires_grad for a in site.adapters) and plan.grad_a is None:
+    if any(a.a_requires_grad for s in members for a in s.adapters) and plan.grad_a is None:
         return "A requires grad but the plan computes no dA"
-    if any(a.b_requires_grad for a in site.adapters) and plan.grad_b is None:
+    if any(a.b_requires_grad for s in members for a in s.adapters) and plan.grad_b is None:
         return "B requires grad but the plan computes no dB"
     if plan.grad_b is GradB.VIA_H and plan.hidden is None:
         return "dB = gᵀh needs h saved or recomputed"
+    if site.lora_dtype != site.base_dtype and plan.branch is None:
+        return "the site's LoRA products run in another dtype than its base: say which"
+    if site.is_low_precision and plan.merges and plan.rounding is None:
+        return "a 16-bit W_eff needs a rounding"
+    lora_in_base = plan.branch is not Precision.SITE or site.lora_dtype == site.base_dtype
+    if (plan.fold_x or plan.fold_dy) and not lora_in_base:
+        return (f"one GEMM cannot run the base in {_name(site.base_dtype)} and the LoRA "
+                f"products in {_name(site.lora_dtype)}")
+    for s in members:
+        reason = precision_reason(s, plan.merges, plan.rounding, plan.branch)
+        if reason is not None:
+            return reason
     return None
 
 
-def plans_for(site: LoraSite) -> list[Plan]:
-    """Every legal, distinct plan for the site, in a stable order."""
-    choices = itertools.product(
-        Forward, [*InputGrad, None], [*GradA, None], [*GradB, None], [*Hidden, None]
-    )
+def _name(dtype: object) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _choices(unit: SiteGroup, rounding: Rounding, fusions: bool) -> dict[str, list]:
+    """The values worth trying per Plan field: a choice the unit makes irrelevant gets one."""
+    members = unit.members
+    site = members[0]
+    flag = [False, True] if fusions else [False]
+    linear = all(s.base is Base.LINEAR for s in members)
+    x_readers = sum(_reads_x(s) for s in members)
+    return {
+        "forward": list(Forward) if linear else [Forward.SPLIT],
+        "input_grad": [*InputGrad] if site.x_requires_grad else [None],
+        "grad_a": [*GradA, None],
+        "grad_b": [*GradB, None],
+        "hidden": [*Hidden, None],
+        "branch": [*Precision] if site.lora_dtype != site.base_dtype else [None],
+        "rounding": [rounding] if site.is_low_precision and linear else [None],
+        "fold_x": flag if linear and x_readers else [False],
+        "fold_dy": flag if linear else [False],
+        "group_h": flag if x_readers > 1 else [False],
+        "group_da": flag if x_readers > 1 else [False],
+        "stack_w": flag if len(members) > 1 and linear else [False],
+    }
+
+
+def plans_for(
+    unit: LoraSite | SiteGroup, rounding: Rounding = Rounding.NEAREST, fusions: bool = True
+) -> list[Plan]:
+    """Every legal, distinct plan for the unit, in a stable order. `rounding` is the one a
+    merged 16-bit W_eff uses (option merge_rounding); `fusions=False` leaves out the plans that
+    share GEMMs."""
+    group = as_group(unit)
+    choices = _choices(group, rounding, fusions)
+    assert list(choices) == [f.name for f in fields(Plan)], "one list of values per field"
     seen: dict[Plan, None] = {}
-    for combo in choices:
-        plan = canonical(Plan(*combo), site)
-        if plan not in seen and illegal_reason(plan, site) is None:
+    for combo in itertools.product(*choices.values()):
+        plan = canonical(Plan(*combo), group)
+        if plan not in seen and illegal_reason(plan, group) is None:
             seen[plan] = None
     return list(seen)

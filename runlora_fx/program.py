@@ -1,159 +1,310 @@
-"""A plan as a straight-line program over named tensors — the one thing both the cost model
-and the executor read, so the counted cost is the cost of what runs.
+"""A plan as a straight-line program over named tensors — the one thing the cost model, the
+timer and the executor read, so the counted cost is the cost of what runs.
 
-Names: `x` (N×d_in), `W` (d_out×d_in), `b` (d_out), per adapter k: `xd{k}` (its D(x); `x` itself
-when the branch has no dropout), `A{k}` (r×d_in), `B{k}` (d_out×r); `dy` (N×d_out) in backward.
-Shared subexpressions (G = dyᵀ D(x), shared by dA/dB and by adapters reading the same input)
-are named once and computed once.
+Names come from operands.py (x, W0, A0.0, …, dy0); every other name is a step's result. Each
+name has a shape and a dtype (`infer`), and products run in the dtype the plan says: a cast
+step appears wherever an operand is stored in another dtype, as PEFT's and autocast's casts do.
+Shared subexpressions are named once and computed once. GEMMs that share an operand are then
+fused into one (`fuse`), as the plan's fold/group flags say: every output element of the fused
+GEMM is the same dot product as before, so fusing is exact in any dtype.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
 
-from runlora_fx.plans import Forward, GradA, GradB, Hidden, InputGrad, Plan
-from runlora_fx.site import LoraSite
+import torch
 
-Op = Literal["mm", "scale", "add", "colsum"]
-PARAMETERS = ("W", "b", "A", "B")  # name prefixes of weights: never counted as saved activations
-
-
-@dataclass(frozen=True)
-class Step:
-    """`out = op(args)`. mm: args[0]ᵀ? @ args[1]ᵀ? per `transpose`; scale: args[0]·s[adapter];
-    add: Σ args (broadcasting the bias); colsum: Σ over rows of args[0]."""
-
-    out: str
-    op: Op
-    args: tuple[str, ...]
-    transpose: tuple[bool, bool] = (False, False)
-    adapter: int = -1
-    recompute: bool = False  # forward steps the partitioner must recompute, not save
+from runlora_fx import operands as ops
+from runlora_fx.fusion import fuse
+from runlora_fx.plans import FUSIONS, Forward, GradA, GradB, Hidden, InputGrad, Plan, canonical
+from runlora_fx.precision import Precision
+from runlora_fx.site import Base, LoraSite, SiteGroup, WeightLayout, as_group
+from runlora_fx.steps import Meta, Step, infer
 
 
 @dataclass(frozen=True)
 class Program:
     forward: tuple[Step, ...]
     backward: tuple[Step, ...]
-    output: str  # forward result
-    grads: tuple[tuple[str, str], ...]  # (input name, grad name) pairs the backward returns
+    outputs: tuple[str, ...]  # one per member
+    tangents: tuple[str, ...]  # the incoming grad of each output
+    grads: tuple[tuple[str, str], ...]  # (operand name, grad name) pairs the backward returns
     saved: tuple[str, ...]  # forward names the backward reads
 
-
-def lora_input(site: LoraSite, k: int) -> str:
-    return "x" if site.adapters[k].reads_base_input else f"xd{k}"
-
-
-def is_parameter(name: str) -> bool:
-    return name.rstrip("0123456789") in PARAMETERS
+    @property
+    def output(self) -> str:
+        return self.outputs[0]
 
 
-def _weff_steps(site: LoraSite, recompute: bool) -> list[Step]:
-    """W_eff = W + Σ s_k B_k A_k."""
-    steps: list[Step] = []
-    for k in range(len(site.adapters)):
-        steps.append(Step(f"BA{k}", "mm", (f"B{k}", f"A{k}"), recompute=recompute))
-        steps.append(Step(f"sBA{k}", "scale", (f"BA{k}",), adapter=k, recompute=recompute))
-    terms = ("W", *(f"sBA{k}" for k in range(len(site.adapters))))
-    steps.append(Step("Weff", "add", terms, recompute=recompute))
-    return steps
+def metas_of(program: Program, unit: LoraSite | SiteGroup) -> dict[str, Meta]:
+    """Shape and dtype of every name the program reads or defines."""
+    metas = dict(ops.shapes_and_dtypes(unit))
+    for step in (*program.forward, *program.backward):
+        metas[step.out] = infer(step, metas)
+    return metas
 
 
-def _hidden_step(site: LoraSite, k: int, recompute: bool = False) -> Step:
-    """h_k = D(x) A_kᵀ."""
-    return Step(f"h{k}", "mm", (lora_input(site, k), f"A{k}"), (False, True), recompute=recompute)
+# ---- building ----------------------------------------------------------------------------------
 
 
-def _forward(plan: Plan, site: LoraSite) -> list[Step]:
-    adapters = range(len(site.adapters))
-    bias = ("b",) if site.has_bias else ()
-    h_for_backward = plan.hidden is Hidden.SAVE
-    steps: list[Step] = []
-    if plan.forward is Forward.MERGED:
-        steps += _weff_steps(site, recompute=plan.input_grad is not InputGrad.MERGED_KEEP)
-        steps.append(Step("xWeff", "mm", ("x", "Weff"), (False, True)))
-        steps.append(Step("y", "add", ("xWeff", *bias)))
-        if h_for_backward:
-            steps += [_hidden_step(site, k) for k in adapters]
-        return steps
-    steps.append(Step("xW", "mm", ("x", "W"), (False, True)))
-    for k in adapters:
-        steps.append(_hidden_step(site, k, recompute=plan.hidden is Hidden.RECOMPUTE))
-        steps.append(Step(f"hB{k}", "mm", (f"h{k}", f"B{k}"), (False, True)))
-        steps.append(Step(f"shB{k}", "scale", (f"hB{k}",), adapter=k))
-    steps.append(Step("y", "add", ("xW", *bias, *(f"shB{k}" for k in adapters))))
-    if plan.input_grad is InputGrad.MERGED_KEEP:
-        steps += _weff_steps(site, recompute=False)
-    return steps
+class _Builder:
+    """One phase's steps, each name emitted once, with shapes and dtypes tracked and casts
+    inserted where an operand is stored in another dtype than the product reads."""
 
+    def __init__(self, metas: dict[str, Meta]) -> None:
+        self.metas = metas
+        self.steps: list[Step] = []
+        self.defined: set[str] = set()
 
-def _backward(plan: Plan, site: LoraSite) -> tuple[list[Step], list[tuple[str, str]]]:
-    adapters = range(len(site.adapters))
-    steps: list[Step] = []
-    grads: list[tuple[str, str]] = []
-    defined: set[str] = set()
-
-    def emit(step: Step) -> str:
-        if step.out not in defined:  # shared subexpression: computed once
-            defined.add(step.out)
-            steps.append(step)
+    def emit(self, step: Step) -> str:
+        if step.out not in self.defined:  # shared subexpression: computed once
+            self.defined.add(step.out)
+            self.metas[step.out] = infer(step, self.metas)
+            self.steps.append(step)
         return step.out
 
+    def cast(self, name: str, dtype: torch.dtype, recompute: bool = False) -> str:
+        if self.metas[name][1] == dtype:
+            return name
+        return self.emit(
+            Step(f"{name}:{_short(dtype)}", "cast", (name,), dtype=dtype, recompute=recompute)
+        )
+
+    def mm(self, out: str, a: str, b: str, transpose: tuple[bool, bool] = (False, False),
+           fusion: tuple[str, int] | None = None, recompute: bool = False) -> str:
+        return self.emit(Step(out, "mm", (a, b), transpose, recompute=recompute, fusion=fusion))
+
+
+def _short(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class _Member:
+    """What one member's steps need: its site, index, dtypes under the plan, scale offset."""
+
+    site: LoraSite
+    m: int
+    scale0: int  # index of its first adapter's scale in the unit's scales
+
+    @property
+    def base(self) -> torch.dtype:
+        return self.site.base_dtype
+
+    def lora(self, plan: Plan) -> torch.dtype:
+        """The dtype its LoRA products run in under `plan`."""
+        return self.site.base_dtype if plan.branch is Precision.BASE else self.site.lora_dtype
+
+    @property
+    def w_transposed(self) -> bool:
+        """Whether x·W needs W transposed (F.linear's out×in layout)."""
+        return self.site.weight_layout is WeightLayout.OUT_IN
+
+    @property
+    def weff_dtype(self) -> torch.dtype:
+        """W + sBA is summed in at least fp32, then rounded once to the base dtype."""
+        site = self.site
+        return torch.promote_types(torch.float32, torch.promote_types(site.w_dtype, site.a_dtype))
+
+
+def _weff(b: _Builder, plan: Plan, mem: _Member, recompute: bool) -> str:
+    """W_eff = W + Σ s_k B_k A_k (in W's layout), summed in fp32 or wider, rounded once."""
+    site, m, acc = mem.site, mem.m, mem.weff_dtype
+    terms = [b.cast(ops.weight(m), acc, recompute)]
+    for k in range(len(site.adapters)):
+        a, bb = b.cast(ops.lora_a(m, k), acc, recompute), b.cast(ops.lora_b(m, k), acc, recompute)
+        if mem.w_transposed:  # B·A: d_out×d_in
+            ba = b.mm(f"BA{m}.{k}", bb, a, recompute=recompute)
+        else:  # Aᵀ·Bᵀ: d_in×d_out
+            ba = b.mm(f"BA{m}.{k}", a, bb, (True, True), recompute=recompute)
+        terms.append(b.emit(Step(f"sBA{m}.{k}", "scale", (ba,), scale=mem.scale0 + k,
+                                 recompute=recompute)))
+    total = b.emit(Step(f"Wsum{m}", "add", tuple(terms), recompute=recompute))
+    if b.metas[total][1] == mem.base:
+        return total
+    return b.emit(Step(f"Weff{m}", "round", (total,), dtype=mem.base, rounding=plan.rounding,
+                       recompute=recompute))
+
+
+def _hidden(b: _Builder, plan: Plan, mem: _Member, k: int, recompute: bool, name: str) -> str:
+    """h_k = D(x) A_kᵀ in the LoRA dtype."""
+    lora = mem.lora(plan)
+    source = ops.lora_input(mem.site, mem.m, k)
+    fusion = ("xA", mem.m) if mem.site.adapters[k].reads_base_input else None
+    return b.mm(name, b.cast(source, lora, recompute), b.cast(ops.lora_a(mem.m, k), lora, recompute),
+                (False, True), fusion, recompute)
+
+
+def _member_forward(b: _Builder, plan: Plan, mem: _Member) -> str:
+    site, m = mem.site, mem.m
+    bias = (b.cast(ops.bias(m), mem.base),) if site.has_bias else ()
+    shares_h = plan.fold_x or plan.group_h  # a fused GEMM is never recomputed: see _backward
+    recompute_h = plan.hidden is Hidden.RECOMPUTE and not shares_h
+    if plan.forward is Forward.MERGED:
+        weff = _weff(b, plan, mem, recompute=plan.input_grad is not InputGrad.MERGED_KEEP)
+        y = b.mm(f"xW{m}", b.cast(ops.X, mem.base), weff, (False, mem.w_transposed), ("xW", m))
+        y = b.emit(Step(f"ysum{m}", "add", (y, *bias))) if bias else y
+        if plan.hidden is Hidden.SAVE:
+            for k in range(len(site.adapters)):
+                _hidden(b, plan, mem, k, False, f"h{m}.{k}")
+    else:
+        if site.base is Base.OPAQUE:
+            terms = [ops.base_result(m)]
+        else:
+            x = b.cast(ops.X, mem.base)
+            w = b.cast(ops.weight(m), mem.base)
+            terms = [b.mm(f"xW{m}", x, w, (False, mem.w_transposed), ("xW", m)), *bias]
+        lora = mem.lora(plan)
+        for k in range(len(site.adapters)):
+            h = _hidden(b, plan, mem, k, recompute_h, f"h{m}.{k}")
+            hb = b.mm(f"hB{m}.{k}", h, b.cast(ops.lora_b(m, k), lora), (False, True))
+            terms.append(b.emit(Step(f"shB{m}.{k}", "scale", (hb,), scale=mem.scale0 + k)))
+        y = b.emit(Step(f"ysum{m}", "add", tuple(terms)))
+    if plan.input_grad is InputGrad.MERGED_KEEP and plan.forward is Forward.SPLIT:
+        _weff(b, plan, mem, recompute=False)
+    return b.cast(y, site.result_dtype)
+
+
+def _member_backward(b: _Builder, plan: Plan, mem: _Member) -> list[tuple[str, str]]:
+    """The member's grads as (operand, grad) pairs; dx contributions come back as ("x", …)
+    pairs, summed by the caller."""
+    site, m = mem.site, mem.m
+    lora = mem.lora(plan)
+    grads: list[tuple[str, str]] = []
+    dy_sum = b.cast(ops.tangent(m), site.sum_dtype)  # through the cast back to the result dtype
+    dy_base, dy_lora = b.cast(dy_sum, mem.base), b.cast(dy_sum, lora)
+    shares_h = plan.fold_x or plan.group_h
+
+    def scaled_b(k: int) -> str:  # s·B_k: the scale on the small side of dh = s·dy·B
+        bb = b.cast(ops.lora_b(m, k), lora)
+        return b.emit(Step(f"sB{m}.{k}", "scale", (bb,), scale=mem.scale0 + k))
+
     def dh(k: int) -> str:  # dh_k = s_k · dy B_k
-        emit(Step(f"dyB{k}", "mm", ("dy", f"B{k}")))
-        return emit(Step(f"dh{k}", "scale", (f"dyB{k}",), adapter=k))
+        return b.mm(f"dh{m}.{k}", dy_lora, scaled_b(k), fusion=("dyB", m))
 
     def gram(k: int) -> str:  # G = dyᵀ D(x): d_out×d_in, shared by adapters reading one input
-        src = lora_input(site, k)
-        return emit(Step(f"G[{src}]", "mm", ("dy", src), (True, False)))
+        source = b.cast(ops.lora_input(site, m, k), lora)
+        return b.mm(f"G{m}[{source}]", dy_lora, source, (True, False))
 
-    for k in adapters:
-        a = site.adapters[k]
-        if a.a_requires_grad:
+    for k, adapter in enumerate(site.adapters):
+        a_name, b_name = ops.lora_a(m, k), ops.lora_b(m, k)
+        if adapter.a_requires_grad:
             if plan.grad_a is GradA.VIA_DH:
-                emit(Step(f"dA{k}", "mm", (dh(k), lora_input(site, k)), (True, False)))
+                source = b.cast(ops.lora_input(site, m, k), lora)
+                fusion = ("dhx", m) if adapter.reads_base_input else None
+                da = b.mm(f"dA{m}.{k}", dh(k), source, (True, False), fusion)
             else:
-                emit(Step(f"BG{k}", "mm", (f"B{k}", gram(k)), (True, False)))
-                emit(Step(f"dA{k}", "scale", (f"BG{k}",), adapter=k))
-            grads.append((f"A{k}", f"dA{k}"))
-        if a.b_requires_grad:
+                bg = b.mm(f"BG{m}.{k}", b.cast(b_name, lora), gram(k), (True, False))
+                da = b.emit(Step(f"dA{m}.{k}", "scale", (bg,), scale=mem.scale0 + k))
+            grads.append((a_name, b.cast(da, site.a_dtype)))
+        if adapter.b_requires_grad:
             if plan.grad_b is GradB.VIA_H:
-                if plan.hidden is Hidden.RECOMPUTE:
-                    emit(_hidden_step(site, k))
-                emit(Step(f"dyh{k}", "mm", ("dy", f"h{k}"), (True, False)))
-                emit(Step(f"dB{k}", "scale", (f"dyh{k}",), adapter=k))
+                h = f"h{m}.{k}"
+                if plan.hidden is Hidden.RECOMPUTE:  # its own GEMM when the forward's is fused
+                    h = _hidden(b, plan, mem, k, False, h + "~" if shares_h else h)
+                dyh = b.mm(f"dyh{m}.{k}", dy_lora, h, (True, False))
             else:
-                emit(Step(f"GA{k}", "mm", (gram(k), f"A{k}"), (False, True)))
-                emit(Step(f"dB{k}", "scale", (f"GA{k}",), adapter=k))
-            grads.append((f"B{k}", f"dB{k}"))
+                dyh = b.mm(f"GA{m}.{k}", gram(k), b.cast(a_name, lora), (False, True))
+            db = b.emit(Step(f"dB{m}.{k}", "scale", (dyh,), scale=mem.scale0 + k))
+            grads.append((b_name, b.cast(db, site.a_dtype)))
 
+    x_dtype = site.dtype
     if plan.input_grad is InputGrad.SPLIT:
-        terms = [emit(Step("dyW", "mm", ("dy", "W")))]
-        for k in adapters:
-            dh_a = emit(Step(f"dhA{k}", "mm", (dh(k), f"A{k}")))
-            if site.adapters[k].reads_base_input:
-                terms.append(dh_a)
+        if site.base is Base.OPAQUE:
+            grads.append((ops.base_result(m), dy_base))
+        else:
+            w = b.cast(ops.weight(m), mem.base)
+            dyw = b.mm(f"dyW{m}", dy_base, w, (False, not mem.w_transposed), ("dyW", m))
+            grads.append((ops.X, b.cast(dyw, x_dtype)))
+        for k, adapter in enumerate(site.adapters):
+            dha = b.mm(f"dhA{m}.{k}", dh(k), b.cast(ops.lora_a(m, k), lora))
+            if adapter.reads_base_input:
+                grads.append((ops.X, b.cast(dha, x_dtype)))
             else:  # the grad of D(x); autograd routes it through the dropout's own backward
-                grads.append((f"xd{k}", dh_a))
-        grads.append(("x", emit(Step("dx", "add", tuple(terms)))))
+                grads.append((ops.dropped(m, k), b.cast(dha, site.lora_dtype)))
     elif plan.input_grad is not None:
-        if plan.input_grad is InputGrad.MERGED_RECOMPUTE:
-            for step in _weff_steps(site, recompute=False):
-                emit(step)
-        grads.append(("x", emit(Step("dx", "mm", ("dy", "Weff")))))
+        weff = _weff(b, plan, mem, recompute=False) if (
+            plan.input_grad is InputGrad.MERGED_RECOMPUTE) else _weff_name(b, m)
+        dx = b.mm(f"dx{m}", dy_base, weff, (False, not mem.w_transposed), ("dyW", m))
+        grads.append((ops.X, b.cast(dx, x_dtype)))
     if site.bias_requires_grad:
-        grads.append(("b", emit(Step("db", "colsum", ("dy",)))))
-    return steps, grads
+        db = b.emit(Step(f"db{m}", "colsum", (dy_base,)))
+        grads.append((ops.bias(m), b.cast(db, site.w_dtype)))
+    return grads
 
 
-def program_for(plan: Plan, site: LoraSite) -> Program:
-    forward = _forward(plan, site)
-    backward, grads = _backward(plan, site)
-    defined_in_backward = {s.out for s in backward}
+def _weff_name(b: _Builder, m: int) -> str:
+    """The forward's W_eff (kept for the backward): rounded, or the fp32 sum when not rounded."""
+    return f"Weff{m}" if f"Weff{m}" in b.metas else f"Wsum{m}"
+
+
+def _members(unit: SiteGroup) -> list[_Member]:
+    found, offset = [], 0
+    for m, site in enumerate(unit.members):
+        found.append(_Member(site, m, offset))
+        offset += len(site.adapters)
+    return found
+
+
+def _member_plan(plan: Plan, site: LoraSite) -> Plan:
+    """The unit's plan as one member runs it: its own irrelevant choices dropped, the GEMM
+    sharing flags kept (they are the unit's)."""
+    flags = {flag: getattr(plan, flag) for flag, _ in FUSIONS}
+    return replace(canonical(plan, site), **flags)
+
+
+def program_for(plan: Plan, unit: LoraSite | SiteGroup) -> Program:
+    group = as_group(unit)
+    metas = dict(ops.shapes_and_dtypes(group))
+    forward = _Builder(metas)
+    outputs = []
+    for mem in _members(group):
+        outputs.append(_member_forward(forward, _member_plan(plan, mem.site), mem))
+    backward = _Builder(dict(forward.metas))
+    pairs: list[tuple[str, str]] = []
+    for mem in _members(group):
+        pairs += _member_backward(backward, _member_plan(plan, mem.site), mem)
+    dx_terms = [grad for name, grad in pairs if name == ops.X]
+    grads = [(name, grad) for name, grad in pairs if name != ops.X]
+    if dx_terms:
+        dx = dx_terms[0] if len(dx_terms) == 1 else backward.emit(
+            Step("dx", "add", tuple(dx_terms)))
+        grads.insert(0, (ops.X, dx))
+    backward_steps = fuse(backward.steps, plan, backward.metas)
+    tangents = tuple(ops.tangent(m) for m in range(len(group.members)))
+    saved = _saved(backward_steps, tangents)
+    forward_steps = _saved_slices_copied(fuse(forward.steps, plan, forward.metas), saved)
+    return Program(
+        forward=tuple(forward_steps),
+        backward=tuple(backward_steps),
+        outputs=tuple(outputs),
+        tangents=tangents,
+        grads=tuple(grads),
+        saved=saved,
+    )
+
+
+def _saved_slices_copied(forward: list[Step], saved: tuple[str, ...]) -> list[Step]:
+    """A saved slice of a fused GEMM's result gets its own storage: saved as a view, it would
+    keep the whole result (y's columns too) alive until the backward."""
+    steps: list[Step] = []
+    for step in forward:
+        if step.op == "slice" and step.out in saved:
+            view = replace(step, out=f"{step.out}@")
+            steps += [view, Step(step.out, "copy", (view.out,))]
+        else:
+            steps.append(step)
+    return steps
+
+
+def _saved(backward: list[Step], tangents: tuple[str, ...]) -> tuple[str, ...]:
+    defined = {s.out for s in backward}
     saved: dict[str, None] = {}
     for step in backward:
         for name in step.args:
-            if name != "dy" and name not in defined_in_backward:
+            if name not in tangents and name not in defined:
                 saved[name] = None
-    return Program(tuple(forward), tuple(backward), "y", tuple(grads), tuple(saved))
+    return tuple(saved)
+
+

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.fx as fx
 
 from runlora_fx.choose import Decision
 from runlora_fx.cost import Cost, cost_of
@@ -25,10 +27,43 @@ from runlora_fx.dynamic import affine_cost, describe_affine
 from runlora_fx.plans import Plan, reference_plan
 from runlora_fx.site import LoraSite, SkippedSite
 
-if TYPE_CHECKING:
-    from runlora_fx.backend import GraphReport
+SCHEMA_VERSION = 2
 
-SCHEMA_VERSION = 1
+
+@dataclass
+class GraphReport:
+    """What happened to one compiled graph; the partitioned graphs arrive as they compile.
+
+    `stages` lists the backend's stages (find, choose, rewrite, tag, compile) as they finished;
+    `failure` names the stage and exception when a stage of runlora's own raised and the graph
+    was compiled as plain torch.compile would compile it."""
+
+    graph_id: int
+    decisions: list[Decision] = field(default_factory=list)
+    skipped: list[SkippedSite] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # e.g. an infeasible memory budget
+    lora_modules: int = 0  # modules that look like LoRA (rewritten, skipped or not recognised)
+    stages: list[str] = field(default_factory=list)
+    failure: str | None = None
+    parameter_inputs: tuple[bool, ...] = ()  # per graph input: is it an nn.Parameter
+    forward: fx.GraphModule | None = None
+    backward: fx.GraphModule | None = None
+    # called as f("forward" | "backward", gm) when a partitioned graph arrives (the debug dump)
+    on_partition: list[Callable[[str, fx.GraphModule], None]] = field(
+        default_factory=list, repr=False, compare=False
+    )
+
+    @classmethod
+    def for_inputs(cls, graph_id: int, example_inputs: Sequence[Any]) -> GraphReport:
+        """A fresh report; parameters among the inputs are told apart for the saved-set checks."""
+        return cls(
+            graph_id=graph_id,
+            parameter_inputs=tuple(isinstance(t, torch.nn.Parameter) for t in example_inputs),
+        )
+
+    @property
+    def sites_rewritten(self) -> int:
+        return sum(len(d.sites) for d in self.decisions)
 
 Record = dict[str, Any]
 COST_ROWS = (
@@ -49,30 +84,58 @@ def plan_record(plan: Plan, cost: Cost, seconds: float | None = None) -> Record:
     return record
 
 
-def _enum_name(value: Any) -> str | None:
-    return None if value is None else value.name
+def _enum_name(value: Any) -> str | bool | None:
+    return value if value is None or isinstance(value, bool) else value.name
+
+
+def _dtype(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def site_fields(site: LoraSite) -> Record:
     """Shapes and flags of a site: N (the hint when symbolic), n_symbolic, d_in, d_out, adapters
-    (r, dropout_p, scale, requires-grad flags each), dtype, bias and training flags."""
+    (r, dropout_p, scale, requires-grad flags each), dtypes (x as stored, and those that differ:
+    the base product's, W's, the adapters', the LoRA products', the result's), the weight layout,
+    the base (a linear, or an opaque quantized op), bias and training flags."""
     record = dataclasses.asdict(site)
-    record["dtype"] = str(site.dtype).removeprefix("torch.")
-    if site.compute_dtype is not None:
-        record["compute_dtype"] = str(site.compute_dtype).removeprefix("torch.")
+    for key in ("dtype", "compute_dtype", "weight_dtype", "adapter_dtype", "branch_dtype",
+                "out_dtype"):
+        record[key] = _dtype(getattr(site, key))
+        if record[key] is None and key != "dtype":
+            del record[key]
+    record["weight_layout"] = site.weight_layout.name
+    record["base"] = site.base.name
+    if site.base_op is None:
+        del record["base_op"]
     return record
 
 
+def unit_fields(decision: Decision) -> Record:
+    """A single site's fields; for a group, its members' fields under "members" and the shared
+    ones (N, d_in; d_out and adapters summed over members) at the top."""
+    sites = decision.sites
+    if len(sites) == 1:
+        return site_fields(sites[0])
+    first = site_fields(sites[0])
+    return {
+        **first,
+        "path": decision.unit.path,
+        "d_out": sum(s.d_out for s in sites),
+        "adapters": [a for s in sites for a in site_fields(s)["adapters"]],
+        "members": [site_fields(s) for s in sites],
+    }
+
+
 def site_record(decision: Decision, graph: str) -> Record:
-    site = decision.site
-    reference = reference_plan(site)
+    unit = decision.unit
+    reference = reference_plan(unit)
     cap = decision.memory_cap
     record = {
         "graph": graph,
-        **site_fields(site),
+        **unit_fields(decision),
         "criterion": decision.criterion,
         "chosen": plan_record(decision.chosen.plan, decision.chosen.cost, decision.chosen.seconds),
-        "reference": plan_record(reference, cost_of(reference, site)),
+        "reference": plan_record(reference, cost_of(reference, unit)),
         "candidates": [
             {
                 **plan_record(c.plan, c.cost, c.seconds),
@@ -83,11 +146,12 @@ def site_record(decision: Decision, graph: str) -> Record:
         ],
         "note": decision.note,
     }
+    site = decision.site
     if site.n_symbolic is not None:
         record["symbolic"] = {
             "n": site.n_symbolic,
             "chosen_for_n": list(decision.n_range) if decision.n_range else None,
-            "chosen_cost": describe_affine(affine_cost(decision.chosen.plan, site), "N"),
+            "chosen_cost": describe_affine(affine_cost(decision.chosen.plan, unit), "N"),
         }
     return record
 
@@ -104,10 +168,12 @@ def totals(sites: Sequence[Record], skipped: Sequence[Record]) -> Record:
     """Sums of the reference ("before") and chosen ("after") costs over the rewritten sites."""
     before = {key: sum(s["reference"]["cost"][key] for s in sites) for key, _ in COST_ROWS}
     after = {key: sum(s["chosen"]["cost"][key] for s in sites) for key, _ in COST_ROWS}
+    rewritten = sum(len(s.get("members", [s])) for s in sites)
     return {
-        "sites_found": len(sites) + len(skipped),
-        "sites_rewritten": len(sites),
+        "sites_found": rewritten + len(skipped),
+        "sites_rewritten": rewritten,
         "sites_skipped": len(skipped),
+        "groups": sum("members" in s for s in sites),
         "before": before,
         "after": after,
         "change_pct": {key: _percent(before[key], after[key]) for key, _ in COST_ROWS},
@@ -130,12 +196,14 @@ def _versions() -> Record:
 
 def document(reports: Iterable[tuple[str, GraphReport]], criterion: str) -> Record:
     """The sites.json document of one or more graphs, each given as (graph name, report)."""
-    graphs, sites, skipped, warnings = [], [], [], []
+    graphs, sites, skipped, warnings, failures = [], [], [], [], []
     for graph, report in reports:
         graphs.append(graph)
         sites += [site_record(d, graph) for d in report.decisions]
         skipped += [skipped_record(s, graph) for s in report.skipped]
         warnings += [{"graph": graph, "warning": w} for w in report.warnings]
+        if report.failure is not None:
+            failures.append({"graph": graph, "failure": report.failure})
     return {
         "schema_version": SCHEMA_VERSION,
         "versions": _versions(),
@@ -144,6 +212,7 @@ def document(reports: Iterable[tuple[str, GraphReport]], criterion: str) -> Reco
         "sites": sites,
         "skipped": skipped,
         "warnings": warnings,
+        "failures": failures,
         "totals": totals(sites, skipped),
     }
 
@@ -200,9 +269,14 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> list[str]
     return [_row(header), _row("---" for _ in header), *(_row(r) for r in rows)]
 
 
+def _d_out(site: Record) -> str:
+    members = site.get("members")
+    return "+".join(str(m["d_out"]) for m in members) if members else str(site["d_out"])
+
+
 def _site_row(i: int, site: Record) -> list[object]:
     return [
-        i, site["path"], _n(site), f"{site['d_in']}→{site['d_out']}", _adapters(site, "r"),
+        i, site["path"], _n(site), f"{site['d_in']}→{_d_out(site)}", _adapters(site, "r"),
         _adapters(site, "dropout_p"), site["chosen"]["describe"], _cell(site, "flops"),
         _cell(site, "saved_bytes"), len(site["candidates"]),
     ]
@@ -226,10 +300,12 @@ def render(doc: Mapping[str, Any], title: str | None = None) -> str:
         f"criterion `{doc['criterion']}`",
         "",
         f"{total['sites_found']} LoRA sites found: {total['sites_rewritten']} rewritten, "
-        f"{total['sites_skipped']} skipped. Costs are the LoRA linears' (base matmul included), "
-        "with the change against the order eager PEFT runs.",
+        f"{total['sites_skipped']} skipped{_groups(total)}. Costs are the LoRA linears' (base "
+        "matmul included), with the change against the order eager PEFT runs.",
     ]
     lines += [f"\n**Warning:** {w['warning']}" for w in doc.get("warnings", [])]
+    lines += [f"\n**runlora failed, plain torch.compile used:** {f['failure']}"
+              for f in doc.get("failures", [])]
     notes = sorted({s["note"] for s in doc["sites"] if s.get("note")})
     lines += ["", *(f"- {note}" for note in notes)] if notes else []
     if doc["sites"]:
@@ -255,11 +331,17 @@ def summary_line(doc: Mapping[str, Any]) -> str:
     total = doc["totals"]
     change = total["change_pct"]
     return (
-        f"runlora graph {', '.join(doc['graphs'])}: {total['sites_found']} LoRA sites found, "
-        f"{total['sites_rewritten']} rewritten, {total['sites_skipped']} skipped; "
+        f"runlora graph {', '.join(doc['graphs'])}: {total['sites_rewritten']} of "
+        f"{total['sites_found']} LoRA modules rewritten ({total['sites_found']} LoRA sites "
+        f"found, {total['sites_rewritten']} rewritten, {total['sites_skipped']} skipped; "
         f"FLOPs {pct(change['flops'])}, saved bytes {pct(change['saved_bytes'])} "
-        f"(vs the PEFT order, criterion {doc['criterion']})"
+        f"vs the PEFT order, criterion {doc['criterion']}{_groups(total)})"
     )
+
+
+def _groups(total: Mapping[str, Any]) -> str:
+    groups = total.get("groups", 0)
+    return f", {groups} group plan{'s' if groups != 1 else ''}" if groups else ""
 
 
 def site_lines(doc: Mapping[str, Any]) -> list[str]:

@@ -1,28 +1,33 @@
 """The roofline criterion: a plan's time predicted from its counted steps and two device numbers.
 
-    predicted(plan) = Σ over the program's steps of
+    predicted(plan) = Σ over the program's steps (views excluded) of
                       launch + max(FLOPs / peak, bytes moved / bandwidth)
+                    + GEMM calls · gemm_call
 
 `peak` (FLOP/s of a large matmul in the site's matmul dtype), `bandwidth` (bytes/s of a large
 elementwise add) and `launch` (seconds of a 1-element op: the fixed cost of one more kernel,
-which decides between plans of small sites) are measured once per device and dtype and kept in
-the measurement cache, so predicting costs nothing after the first run. Thin LoRA matmuls (one
-side r) land on the bandwidth roof, which is what FLOPs alone misjudge.
+which decides between plans of small sites) are measured in a hot loop. `gemm_call` is what a
+thin GEMM costs beyond that inside a training step, where its operands come cold from memory:
+measured over operands that do not fit the last-level cache, each read once, as in a step
+(DESIGN.md §6: in a compiled CPU step thin GEMMs took several times their hot-loop time).
+All four are measured once per device and dtype and kept in the measurement cache, so
+predicting costs nothing after the first run. Thin LoRA matmuls (one side r) land on the
+bandwidth roof, which is what FLOPs alone misjudge, and their calls are what fusing saves.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
 from runlora_fx.cache import MeasurementCache
-from runlora_fx.cost import step_costs
+from runlora_fx.cost import VIEWS, step_costs
 from runlora_fx.measure import synchronize
 from runlora_fx.program import Program
-from runlora_fx.site import LoraSite
+from runlora_fx.site import LoraSite, SiteGroup
 
 log = logging.getLogger("runlora_fx")
 
@@ -32,9 +37,11 @@ class DeviceModel:
     peak_flops: float  # FLOP/s
     bandwidth: float  # bytes/s
     launch: float = 0.0  # seconds per step
+    gemm_call: float = 0.0  # seconds a GEMM call costs in a step beyond its roofline time
 
-    def seconds(self, flops: int, bytes_moved: int) -> float:
-        return self.launch + max(flops / self.peak_flops, bytes_moved / self.bandwidth)
+    def seconds(self, flops: int, bytes_moved: int, gemm: bool = False) -> float:
+        roof = max(flops / self.peak_flops, bytes_moved / self.bandwidth)
+        return self.launch + roof + (self.gemm_call if gemm else 0.0)
 
 
 def _best_seconds(fn, device: torch.device, reps: int) -> float:
@@ -60,11 +67,24 @@ def measure_device(device: torch.device, dtype: torch.dtype) -> DeviceModel:
     add_s = _best_seconds(lambda: torch.add(x, y, out=out), device, reps=5)
     one = torch.ones(1, 1, device=device, dtype=dtype)
     launch_s = min(_best_seconds(lambda: torch.mm(one, one), device, reps=50) for _ in range(3))
-    return DeviceModel(
+    model = DeviceModel(
         peak_flops=2 * size**3 / mm_s,
         bandwidth=3 * numel * x.itemsize / add_s,
         launch=launch_s,
     )
+    return replace(model, gemm_call=_cold_gemm_call(device, dtype, model))
+
+
+def _cold_gemm_call(device: torch.device, dtype: torch.dtype, model: DeviceModel) -> float:
+    """Seconds a thin GEMM (N×d·d×r) costs beyond its roofline time when, as in a training
+    step, each call reads an x that is not in cache: calls over distinct x's that together
+    exceed the last-level cache, best of a few passes."""
+    n, d, r, calls = 4096, 256, 8, 16  # 16 x's of 4 MiB (fp32): past a 32 MiB L3
+    xs = [torch.randn(n, d, device=device).to(dtype) for _ in range(calls)]
+    a = torch.randn(r, d, device=device).to(dtype)
+    per_call = _best_seconds(lambda: [torch.mm(x, a.t()) for x in xs], device, reps=5) / calls
+    roof = model.seconds(2 * n * d * r, (n * d + d * r + n * r) * xs[0].itemsize)
+    return max(0.0, per_call - roof)
 
 
 def device_model(
@@ -72,15 +92,20 @@ def device_model(
 ) -> DeviceModel:
     key = {"dtype": str(dtype)}
     hit = cache.get("calibration", key)
-    if isinstance(hit, dict) and set(hit) == {"peak_flops", "bandwidth", "launch"}:
+    if isinstance(hit, dict) and set(hit) == {f.name for f in fields(DeviceModel)}:
         return DeviceModel(**hit)
     log.info("runlora: calibrating the roofline for %s %s (once; cached)", device, dtype)
     model = measure_device(device, dtype)
-    log.info("runlora: peak %.3g FLOP/s, bandwidth %.3g B/s, launch %.3g s",
-             model.peak_flops, model.bandwidth, model.launch)
+    log.info("runlora: peak %.3g FLOP/s, bandwidth %.3g B/s, launch %.3g s, GEMM call %.3g s",
+             model.peak_flops, model.bandwidth, model.launch, model.gemm_call)
     cache.put("calibration", key, asdict(model))
     return model
 
 
-def predicted_seconds(program: Program, site: LoraSite, model: DeviceModel) -> float:
-    return sum(model.seconds(s.flops, s.bytes_moved) for s in step_costs(program, site))
+def predicted_seconds(
+    program: Program, unit: LoraSite | SiteGroup, model: DeviceModel
+) -> float:
+    return sum(
+        model.seconds(s.flops, s.bytes_moved, gemm=s.step.op == "mm")
+        for s in step_costs(program, unit) if s.step.op not in VIEWS
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -13,6 +14,18 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def pytest_configure(config):
+    """Under pytest-xdist each worker gets one torch thread: two workers share two cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _strict(monkeypatch):
+    """runlora raises in tests instead of falling back to plain compile (options strict)."""
+    monkeypatch.setenv("RUNLORA_STRICT", "1")
 
 
 @pytest.fixture(autouse=True)

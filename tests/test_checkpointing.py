@@ -14,45 +14,28 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint
 
+import runlora_fx
 from conftest import PlainCompile, assert_grads_match, peft_llama, rel_err, twin
-from passes.find_sites import SiteMatch, find_sites
-from passes.rewrite import rewrite_site
-from passes.subgraphs import plan_subgraphs, rewrite_subgraphs
-from runlora_fx.backend import GraphReport, compile_rewritten
-from runlora_fx.choose import Decision, choose
-from runlora_fx.execute import RECOMPUTE_ANNOTATION, PlannedLoraLinear
+from runlora_fx.backend import choose, chooser_for, find, rewrite
+from runlora_fx.choose import Decision
+from runlora_fx.execute import RECOMPUTE_ANNOTATION, PlannedLora
 from runlora_fx.options import parse_options
 from runlora_fx.partitioned import saved_tensors
 from runlora_fx.plans import Hidden
+from runlora_fx.records import GraphReport
 
 TOL = 1e-5
 BATCH, SEQ = 2, 40  # N = 80 > d/2: merged plans that recompute h, so the tags are exercised
+# GEMM sharing off: the flops criterion then recomputes h (with it, h comes out of the merged
+# forward's GEMM and is saved), so these tests exercise the recompute tags inside bodies
+OPTIONS = {"fusions": False}
 
 
-def flops_decisions(matches: list[SiteMatch]) -> list[Decision]:
-    return [choose(m.site, "flops") for m in matches]
-
-
-class SubgraphPipeline:
-    """The backend's stages with subgraph rewriting: the top-level sites, then the bodies'."""
+class SubgraphPipeline(runlora_fx.Backend):
+    """The backend (top-level graph and checkpoint bodies in one walk), eager inner."""
 
     def __init__(self, inner: str = "eager") -> None:
-        self.options = parse_options({"inner": inner})
-        self.reports: list[GraphReport] = []
-
-    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        report = GraphReport.for_inputs(len(self.reports), example_inputs)
-        self.reports.append(report)
-        matches, report.skipped = find_sites(gm.graph)
-        report.decisions = flops_decisions(matches)
-        for i, (match, decision) in enumerate(zip(matches, report.decisions)):
-            rewrite_site(gm.graph, match, decision.chosen.plan, f"runlora_site_{i}")
-        gm.graph.lint()
-        gm.recompile()
-        decisions, skipped = rewrite_subgraphs(gm, flops_decisions, "runlora_sub")
-        report.decisions += decisions
-        report.skipped += skipped
-        return compile_rewritten(gm, example_inputs, self.options, None, report)
+        super().__init__({"inner": inner, **OPTIONS})
 
     def decisions(self) -> list[Decision]:
         return [d for r in self.reports for d in r.decisions]
@@ -200,9 +183,10 @@ def test_nested_checkpoints_are_rewritten():
     assert len(backend.decisions()) == 1 and not backend.skipped()
 
 
-def test_plan_subgraphs_decides_first_and_rewrites_on_request():
-    """The backend's debug dump shows the bodies as captured, then as rewritten: planning leaves
-    the graph untouched; `rewrite()` puts one planned call, named after its body, in place."""
+def test_find_and_choose_leave_the_bodies_and_rewrite_changes_them():
+    """The backend's debug dump shows the bodies as captured, then as rewritten: find and choose
+    leave the graph untouched; `rewrite` puts one planned call, named after its body, in
+    place."""
     captured: list[fx.GraphModule] = []
 
     def capture(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
@@ -215,14 +199,16 @@ def test_plan_subgraphs_decides_first_and_rewrites_on_request():
 
     def planned_calls() -> list[str]:
         return [n.target.__name__ for _, m in gm.named_modules() for n in m.graph.nodes
-                if isinstance(n.target, PlannedLoraLinear)]
+                if isinstance(n.target, PlannedLora)]
 
-    plan = plan_subgraphs(gm, flops_decisions, "runlora_sub")
-    assert len(plan.decisions) == 1 and not plan.skipped
+    report = GraphReport(0)
+    options = parse_options(OPTIONS)
+    chosen = choose(find(gm, report), report, chooser_for(options), None)
+    assert len(report.decisions) == 1 and not report.skipped
     assert gm.print_readable(print_output=False) == before and not planned_calls()
-    plan.rewrite()
-    [name] = planned_calls()  # in the inner body: runlora_sub_<outer body>_<inner body>_0
-    assert name.startswith("runlora_sub_wrap_body_") and name.count("wrap_body_") == 2
+    rewrite(chosen)
+    [name] = planned_calls()  # in the inner body: runlora_<outer body>_<inner body>_0
+    assert name.startswith("runlora_wrap_body_") and name.count("wrap_body_") == 2
 
 
 def test_sites_inside_other_higher_order_ops_stay_skipped_with_where():

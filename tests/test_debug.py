@@ -48,6 +48,11 @@ class ListHandler(logging.Handler):
         self.records.append(record)
 
 
+# one record per site: GEMM sharing off, so that no group joins sites into one record (the
+# group records are checked by test_group_plans_are_recorded_with_their_members)
+UNSHARED = {"fusions": False}
+
+
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """Explain, then compile and run one training step, of the same 2-layer PEFT Llama."""
@@ -57,14 +62,14 @@ def llama(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     dump = tmp_path_factory.mktemp("dump")
 
     start = time.perf_counter()
-    explanation = runlora_fx.explain(model, input_ids=ids, labels=ids)
+    explanation = runlora_fx.explain(model, input_ids=ids, labels=ids, options=UNSHARED)
     explain_s = time.perf_counter() - start
     grads_after_explain = [n for n, p in model.named_parameters() if p.grad is not None]
 
     logger, handler = logging.getLogger("runlora_fx"), ListHandler()
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
-    backend = Backend({"debug_dir": str(dump), "inner": "eager"})
+    backend = Backend({"debug_dir": str(dump), "inner": "eager", **UNSHARED})
     try:
         with torch._functorch.config.patch(enable_autograd_cache=False):
             start = time.perf_counter()
@@ -98,14 +103,14 @@ def test_dump_has_one_folder_with_every_stage(llama):
         assert (llama.folder / name).stat().st_size > 0, name
     before = (llama.folder / "before_rewrite.py").read_text()
     after = (llama.folder / "after_rewrite.py").read_text()
-    assert "lora_a" in before.lower() and "runlora_site_" not in before
-    assert "runlora_site_13" in after
+    assert "lora_a" in before.lower() and "runlora_" not in before
+    assert "runlora_13" in after
     assert "tangents_1" in (llama.folder / "partitioned_backward.py").read_text()
 
 
 def test_sites_json_records_every_site_with_shapes_and_candidates(llama):
     doc = llama.doc
-    assert doc["schema_version"] == 1 and doc["criterion"] == "flops"
+    assert doc["schema_version"] == 2 and doc["criterion"] == "flops"
     assert doc["skipped"] == [] and len(doc["graphs"]) == 1
     paths = expected_paths()
     assert sorted(s["path"] for s in doc["sites"]) == sorted(paths)
@@ -305,3 +310,23 @@ def test_explain_leaves_no_trace_on_rng_or_later_compiles():
     backend = Backend({"inner": "eager"})
     step(model, backend, n=48)  # other shapes than explained: still a first, static compile
     assert [d.site.n_symbolic for d in backend.reports[0].decisions] == [None, None]
+
+
+def test_group_plans_are_recorded_with_their_members():
+    """With GEMM sharing on, q/k/v (and gate/up) of a layer are one unit: one record names its
+    members, and the totals and the INFO line count the sites inside."""
+    model = peft_llama(layers=1)
+    ids = torch.randint(0, 128, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
+    explanation = runlora_fx.explain(model, input_ids=ids, labels=ids)
+    groups = [s for s in explanation.sites if "members" in s]
+    assert groups and explanation.totals["groups"] == len(groups)
+    assert explanation.totals["sites_rewritten"] == 7 == sum(
+        len(s.get("members", [s])) for s in explanation.sites)
+    for record in groups:
+        paths = [m["path"] for m in record["members"]]
+        assert record["path"] == " + ".join(paths) and len(paths) in (2, 3)
+        assert record["d_out"] == sum(m["d_out"] for m in record["members"])
+        chosen = record["chosen"]["plan"]
+        assert chosen["stack_w"] or chosen["group_h"] or chosen["group_da"]
+    text = str(explanation)
+    assert "7 LoRA sites found: 7 rewritten, 0 skipped, 2 group plans" in text

@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 import runlora_fx
 from conftest import grads, peft_llama, rel_err
-from passes.find_sites import CUT_REASON
+from runlora_fx.passes.cut_sites import CUT_REASON
 
 WORLD = 2
 DEADLINE_S = 150  # the whole 2-rank run; a healthy one takes a fraction of it
@@ -63,7 +63,7 @@ def _step(kind: str, rank: int) -> dict:
     result = {
         "grads": {},
         "graphs": len(backend.reports),
-        "sites": [d.site.path for r in backend.reports for d in r.decisions],
+        "sites": [s.path for r in backend.reports for d in r.decisions for s in d.sites],
         "skipped": [(s.path, s.reason) for r in backend.reports for s in r.skipped],
     }
     for name, param in model.named_parameters():

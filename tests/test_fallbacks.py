@@ -89,7 +89,7 @@ def reasons(backend: runlora_fx.Backend) -> list[str]:
 
 
 def rewritten(backend: runlora_fx.Backend) -> int:
-    return sum(len(report.decisions) for report in backend.reports)
+    return sum(report.sites_rewritten for report in backend.reports)
 
 
 def assert_skipped(backend: runlora_fx.Backend, reason: str, count: int = 1) -> None:

@@ -155,9 +155,10 @@ STYLES = {
     "tt_modules": lambda spec: True,
     "tt_params": lambda spec: True,  # `x @ A.T @ B.T`: a matmul by a transposed 2-D weight
     "loralib": lambda spec: True,
-    # `matmul(x, W.t()) + b` is not a linear node: only the bias-free base is recognised
-    "matmul": lambda spec: not spec.bias,
-    "transposed": lambda spec: False,  # `x @ W_t`: no transpose node to read W from
+    # `matmul(x, W.t()) + b`: a product by W's transposed view, plus a bias of d_out elements
+    "matmul": lambda spec: True,
+    # `x @ W_t` with W_t, A, B stored in×out: read through their transposed views
+    "transposed": lambda spec: True,
     "scale_inside": lambda spec: False,  # `linear(s · h, B)` is not LoRA-shaped
 }
 
@@ -315,7 +316,7 @@ def check_parity(model: torch.nn.Module, x_shape: tuple[int, ...], x_grad: bool,
 
 
 def rewritten(backend: runlora_fx.Backend) -> int:
-    return sum(len(report.decisions) for report in backend.reports)
+    return sum(report.sites_rewritten for report in backend.reports)
 
 
 def skipped(backend: runlora_fx.Backend) -> list:

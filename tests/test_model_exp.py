@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import load_script
 
@@ -93,6 +94,7 @@ def test_e2e_writes_csv_with_a_row_per_variant(e2e):
         assert int(row["rounds"]) >= 3
         assert float(row["saved_activations_mb"]) > 0
         assert row["model"].endswith("tiny.json") and row["lora_r"] == "4"
+        assert (row["dtype"], row["adapter_dtype"], row["options"]) == ("fp32", "fp32", "")
     assert float(by_variant["peft"]["speedup_vs_peft_pct"]) == 0.0
     assert float(by_variant["peft+inductor"]["speedup_vs_peft_inductor_pct"]) == 0.0
     assert by_variant["runlora:flops"]["sites_rewritten"] == "7"
@@ -144,6 +146,28 @@ def cli(monkeypatch):
         (["-a", "0"], "--lora_alpha must be positive"),
         (["--inner", "tvm"], "argument --inner: invalid choice: 'tvm'"),
         (["--time_limit", "0"], "--time_limit must be positive"),
+        (["--dtype", "fp32", "--adapter_dtype", "bf16"],
+         "--adapter_dtype bf16 does not go with --dtype fp32: PEFT keeps adapters in fp32 or in "
+         "the base model's dtype; choose --adapter_dtype fp32"),
+        (["--adapter_dtype", "fp16"], "--adapter_dtype fp16 does not go with --dtype fp32"),
+        (["--dtype", "bf16", "--adapter_dtype", "fp16"],
+         "--adapter_dtype fp16 does not go with --dtype bf16: PEFT keeps adapters in fp32 or in "
+         "the base model's dtype; choose --adapter_dtype fp32 (PEFT's default) or bf16"),
+        (["--dtype", "fp16", "--adapter_dtype", "bf16"],
+         "--adapter_dtype bf16 does not go with --dtype fp16"),
+        (["--adapter_dtype", "fp64"], "argument --adapter_dtype: invalid choice: 'fp64'"),
+        (["--options", "{merge_rounding: stochastic}"], "--options is not valid JSON"),
+        (["--options", ""], "--options is not valid JSON"),
+        (["--options", '["memory_budget", 0.5]'],
+         "--options must be a JSON object of runlora option names to values, not list"),
+        (["--options", "0.5"], "--options must be a JSON object"),
+        (["--options", '{"no_such_option": 1}'],
+         "--options: runlora: unknown option(s) 'no_such_option'"),
+        (["--options", '{"memory_budget": -1}'],
+         "--options: runlora: option memory_budget=-1 is not valid"),
+        (["--options", '{"criterion": "flops"}'],
+         "--options sets 'criterion': use --criterions instead"),
+        (["--options", '{"inner": "eager"}'], "--options sets 'inner': use --inner instead"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_clear_message(cli, tmp_path, capsys, extra, message):
@@ -191,6 +215,98 @@ def test_no_arguments_run_the_cpu_default_job(cli):
     assert args.variants == VARIANTS
     assert args.min_run_time == 60
     assert args.out.endswith("llama_20m_b4_s256_r8_fp32")
+    assert args.adapter_dtype == "fp32" and args.runlora_options == {}
+
+
+# ---------------------------------------------------------------- precision and options
+
+
+@pytest.mark.parametrize(
+    ("extra", "adapter", "tag", "label"),
+    [
+        ([], "fp32", "fp32", "fp32"),
+        (["--adapter_dtype", "fp32"], "fp32", "fp32", "fp32"),
+        (["--dtype", "bf16"], "fp32", "bf16", "bf16 (fp32 adapters)"),  # PEFT's default
+        (["--dtype", "bf16", "--adapter_dtype", "fp32"], "fp32", "bf16", "bf16 (fp32 adapters)"),
+        (["--dtype", "bf16", "--adapter_dtype", "bf16"], "bf16", "bf16-adapters-bf16",
+         "bf16 (bf16 adapters)"),  # pure bf16
+        (["--dtype", "fp16"], "fp32", "fp16", "fp16 (fp32 adapters)"),
+        (["--dtype", "fp16", "--adapter_dtype", "fp16"], "fp16", "fp16-adapters-fp16",
+         "fp16 (fp16 adapters)"),
+    ],
+)
+def test_adapter_dtype_defaults_to_peft_and_names_the_outputs(
+    cli, tmp_path, capsys, extra, adapter, tag, label
+):
+    config = write_tiny(tmp_path)
+    with pytest.raises(RunCalled) as called:
+        cli.main(["-m", str(config), "--device", "cpu", *extra])
+    args = called.value.args[0]
+    assert args.adapter_dtype == adapter
+    assert args.out == str(Path("bench-out") / f"tiny_b10_s64_r8_{tag}")
+    assert f"# tiny b=10 s=64 r=8 {label} on cpu" in capsys.readouterr().out
+
+
+def test_options_reach_every_runlora_variant_and_no_other(cli, tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    from bench_lib import Variant, compile_variant
+
+    config = write_tiny(tmp_path)
+    with pytest.raises(RunCalled) as called:
+        cli.main(["-m", str(config), "--criterions", "flops", "roofline", "--inner", "eager",
+                  "--options", '{"memory_budget": 0.5}'])
+    args = called.value.args[0]
+    assert args.runlora_options == {"memory_budget": 0.5}
+    for criterion in ("flops", "roofline"):  # torch.compile is lazy: nothing compiles here
+        _, backend = compile_variant(Variant(f"runlora:{criterion}"), torch.nn.Linear(2, 2),
+                                     args.inner, args.runlora_options)
+        assert backend.options.memory_budget == 0.5
+        assert (backend.options.criterion, backend.options.inner) == (criterion, "eager")
+    _, none = compile_variant(Variant("peft+inductor"), torch.nn.Linear(2, 2), args.inner,
+                              args.runlora_options)
+    assert none is None
+
+
+def lora_dtypes(model: torch.nn.Module, lora: bool) -> set[torch.dtype]:
+    return {p.dtype for name, p in model.named_parameters() if ("lora_" in name) == lora}
+
+
+def test_bf16_builds_peft_default_fp32_adapters_and_adapter_dtype_bf16_is_pure(cli, tmp_path):
+    """The models the CLI builds (its own helper, no compile) for --dtype bf16."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from bench_lib import make_floor
+
+    config = write_tiny(tmp_path)
+
+    def build(*extra):
+        with pytest.raises(RunCalled) as called:
+            cli.main(["-m", str(config), "--device", "cpu", "--dtype", "bf16", *extra])
+        return cli.build_models(called.value.args[0], torch.device("cpu"))
+
+    base, default = build()
+    _, pure = build("--adapter_dtype", "bf16")
+    # PEFT's default (autocast_adapter_dtype=True): bf16 base, fp32 lora_A/lora_B
+    assert lora_dtypes(default, lora=False) == {torch.bfloat16}
+    assert lora_dtypes(default, lora=True) == {torch.float32}
+    # --adapter_dtype bf16: everything bf16
+    assert lora_dtypes(pure, lora=False) == lora_dtypes(pure, lora=True) == {torch.bfloat16}
+    # the same weights: the pure model's are the default's, rounded to bf16
+    pure_params = dict(pure.named_parameters())
+    for name, param in default.named_parameters():
+        assert torch.equal(param.to(torch.bfloat16), pure_params[name]), name
+    # PEFT casts the fp32 branch back: the step's activations stay bf16
+    ids = torch.randint(0, TINY["vocab_size"], (1, 8))
+    with torch.no_grad():
+        assert default(input_ids=ids).logits.dtype == torch.bfloat16
+    # the floor is the very same bf16 base the PEFT model was built on
+    floor = make_floor(base, TARGETS)
+    floor_params = dict(floor.named_parameters())
+    assert {p.dtype for p in floor_params.values()} == {torch.bfloat16}
+    peft_base = {name.replace(".base_layer", ""): p
+                 for name, p in default.get_base_model().named_parameters() if "lora_" not in name}
+    assert set(peft_base) == set(floor_params) - {"runlora_grad_anchor.zero"}
+    for name, param in peft_base.items():
+        assert torch.equal(param, floor_params[name]), name
 
 
 # ---------------------------------------------------------------- statistics

@@ -28,7 +28,7 @@ def compiled_step(backend, model, ids):
 def test_saved_set_follows_the_chosen_plans():
     model = peft_llama(layers=2)
     ids = torch.randint(0, 128, (BATCH, SEQ))
-    report = compiled_step(runlora_fx.Backend({"inner": "eager"}), model, ids)
+    report = compiled_step(runlora_fx.Backend({"inner": "eager", "fusions": False}), model, ids)
     assert len(report.decisions) == 14 and not report.skipped
     saved = [t for t in saved_tensors(report.forward, report.backward, report.parameter_inputs)
              if not t.is_parameter]
@@ -52,7 +52,7 @@ def test_split_plans_save_h_when_they_say_so():
     model = peft_llama(layers=1, lora_dropout=0.1)  # dropout: split, and h saved by "flops"
     ids = torch.randint(0, 128, (BATCH, SEQ))
     with torch._inductor.config.patch(fallback_random=True):
-        report = compiled_step(runlora_fx.Backend({"inner": "eager"}), model, ids)
+        report = compiled_step(runlora_fx.Backend({"inner": "eager", "fusions": False}), model, ids)
     saved = saved_tensors(report.forward, report.backward, report.parameter_inputs)
     saving_h = [d for d in report.decisions if d.chosen.plan.hidden is Hidden.SAVE]
     assert len(saving_h) == 7
@@ -63,7 +63,7 @@ def test_step_flops_fall_by_the_analytic_saving_and_memory_falls():
     model = peft_llama(layers=2)
     ids = torch.randint(0, 128, (BATCH, SEQ))
     ours, plain, eager = twin(model), twin(model), model
-    backend, plain_backend = runlora_fx.Backend({"inner": "eager"}), PlainCompile()
+    backend, plain_backend = runlora_fx.Backend({"inner": "eager", "fusions": False}), PlainCompile()
     ours_c = torch.compile(ours, backend=backend)
     plain_c = torch.compile(plain, backend=plain_backend)
     llama_step(ours_c, ids)  # one step: compiles and records the partitioned graphs

@@ -8,7 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from runlora_fx.choose import choose
 from runlora_fx.cost import cost_of
-from runlora_fx.execute import PlannedLoraLinear
+from runlora_fx import operands as ops
+from runlora_fx.execute import PlannedLora
 from runlora_fx.plans import Forward, GradB, Hidden, InputGrad, plans_for, reference_plan
 from runlora_fx.site import Adapter, LoraSite
 
@@ -61,10 +62,19 @@ def reference(site, x, w, b, a, bb, masks):
     return y
 
 
+def operand_tensors(site, x, w, b, a, bb, masks):
+    """The site's tensors in the order its planned call takes them (operands.py)."""
+    by_name = {ops.X: x, ops.weight(0): w, ops.bias(0): b}
+    for k, ad in enumerate(site.adapters):
+        by_name[ops.dropped(0, k)] = x * masks[k] if ad.dropout_p > 0 else None
+        by_name[ops.lora_a(0, k)], by_name[ops.lora_b(0, k)] = a[k], bb[k]
+    return [by_name[op.name] for op in ops.operands(site)]
+
+
 def run_plan(site, plan, x, w, b, a, bb, masks):
-    lora_inputs = [x * m if ad.dropout_p > 0 else None for ad, m in zip(site.adapters, masks)]
-    planned = PlannedLoraLinear("test_site", site, plan)
-    return planned(x, w, b, lora_inputs, a, bb, [ad.scale for ad in site.adapters])
+    planned = PlannedLora("test_site", site, plan)
+    tensors = operand_tensors(site, x, w, b, a, bb, masks)
+    return planned(tensors, [ad.scale for ad in site.adapters])
 
 
 def leaves(x, b, a, bb):
@@ -126,13 +136,27 @@ def test_plans_only_compute_required_grads():
 
 def test_choose_flops_prefers_merging_when_tokens_outnumber_features():
     site = make_site(n=4096, d_in=256, d_out=256, ranks=(8,))
-    chosen = choose(site, "flops").chosen
+    chosen = choose(site, "flops", fusions=False).chosen  # the orders before GEMMs were shared
     assert chosen.plan.forward is Forward.MERGED
     assert chosen.plan.input_grad is InputGrad.MERGED_RECOMPUTE  # keeping W_eff costs memory
     assert chosen.plan.grad_b is GradB.VIA_H and chosen.plan.hidden is Hidden.RECOMPUTE
     ref = cost_of(reference_plan(site), site)
     assert chosen.cost.flops < ref.flops
     assert chosen.cost.saved_bytes < ref.saved_bytes
+
+
+def test_flops_ties_go_to_fewer_gemm_calls():
+    """With GEMM sharing, h comes out of the merged forward's GEMM x·[W_eff; A]ᵀ: the same FLOPs
+    as recomputing it in the backward, one call fewer (and the x re-read saved)."""
+    site = make_site(n=4096, d_in=256, d_out=256, ranks=(8,))
+    unshared = choose(site, "flops", fusions=False).chosen
+    chosen = choose(site, "flops").chosen
+    assert chosen.plan.forward is Forward.MERGED and chosen.plan.fold_x
+    assert chosen.plan.input_grad is InputGrad.MERGED_RECOMPUTE
+    assert chosen.plan.hidden is Hidden.SAVE
+    assert chosen.cost.flops == unshared.cost.flops
+    assert chosen.cost.gemms < unshared.cost.gemms
+    assert chosen.cost.saved_bytes <= cost_of(reference_plan(site), site).saved_bytes
 
 
 def test_choose_never_saves_more_than_peft():
@@ -151,10 +175,11 @@ def test_memory_criterion_minimises_saved_bytes():
 def test_flops_ties_go_to_fewer_bytes_moved():
     # At N = d_in a merged forward with h recomputed costs exactly the FLOPs it saves, but it
     # moves more bytes: the PEFT order must win the tie.
+    # (among the orders without GEMM sharing: with it, one GEMM less wins the tie first)
     site = make_site(n=512, d_in=512, d_out=512, ranks=(64,))
-    merged = [c for c in choose(site, "flops").candidates
+    merged = [c for c in choose(site, "flops", fusions=False).candidates
               if c.plan.forward is Forward.MERGED and c.plan.input_grad is InputGrad.SPLIT
               and c.plan.hidden is Hidden.RECOMPUTE and c.plan.grad_a == reference_plan(site).grad_a]
     ref = cost_of(reference_plan(site), site)
     assert merged and merged[0].cost.flops == ref.flops and merged[0].cost.bytes_moved > ref.bytes_moved
-    assert choose(site, "flops").chosen.plan == reference_plan(site)
+    assert choose(site, "flops", fusions=False).chosen.plan == reference_plan(site)

@@ -1,0 +1,141 @@
+"""The operands of a planning unit: the one place that names its tensors.
+
+A unit is a group of sites reading the same x (a single site is a group of one). Its operands
+are x, and per member m: W (absent for an opaque base, whose result `base` comes in instead),
+b, and per adapter k: D(x) (only for a dropout branch), A and B. Programs, costs, the executor,
+the timer, the memory budget and the rewriter all read these records and nothing else, so a
+name means the same tensor everywhere.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from runlora_fx.site import Base, LoraSite, SiteGroup, WeightLayout, as_group
+
+Shape = tuple[int, ...]
+
+
+class Role(enum.Enum):
+    X = "x"
+    LORA_INPUT = "D(x)"  # a dropout branch's input, from the graph's own dropout
+    WEIGHT = "W"
+    BIAS = "b"
+    BASE_RESULT = "base"  # an opaque (quantized) base's result, computed by the graph
+    LORA_A = "A"
+    LORA_B = "B"
+
+    @property
+    def is_parameter(self) -> bool:
+        """Weights: never counted as saved activations."""
+        return self in (Role.WEIGHT, Role.BIAS, Role.LORA_A, Role.LORA_B)
+
+
+@dataclass(frozen=True)
+class Operand:
+    name: str
+    role: Role
+    shape: Shape  # 2-D views as the program reads them (x is N×d_in)
+    dtype: torch.dtype
+    requires_grad: bool
+    member: int = 0
+    adapter: int | None = None
+
+
+# ---- names -------------------------------------------------------------------------------------
+# Member m, adapter k. Single sites use member 0, so their names are the same in every unit.
+
+X = "x"
+
+
+def weight(m: int) -> str:
+    return f"W{m}"
+
+
+def bias(m: int) -> str:
+    return f"b{m}"
+
+
+def base_result(m: int) -> str:
+    return f"base{m}"
+
+
+def lora_a(m: int, k: int) -> str:
+    return f"A{m}.{k}"
+
+
+def lora_b(m: int, k: int) -> str:
+    return f"B{m}.{k}"
+
+
+def dropped(m: int, k: int) -> str:
+    return f"xd{m}.{k}"
+
+
+def output(m: int) -> str:
+    return f"y{m}"
+
+
+def tangent(m: int) -> str:
+    return f"dy{m}"
+
+
+def lora_input(site: LoraSite, m: int, k: int) -> str:
+    """What adapter k of member m reads: x itself, or its own D(x)."""
+    return X if site.adapters[k].reads_base_input else dropped(m, k)
+
+
+# ---- the operands ------------------------------------------------------------------------------
+
+
+def site_operands(site: LoraSite, m: int = 0) -> list[Operand]:
+    """Member m's own operands (not x), in call order."""
+    found: list[Operand] = []
+    if site.base is Base.OPAQUE:
+        found.append(Operand(base_result(m), Role.BASE_RESULT, (site.n, site.d_out),
+                             site.base_dtype, site.x_requires_grad, m))
+    else:
+        shape = (site.d_out, site.d_in)
+        if site.weight_layout is WeightLayout.IN_OUT:
+            shape = (site.d_in, site.d_out)
+        found.append(Operand(weight(m), Role.WEIGHT, shape, site.w_dtype, False, m))
+        if site.has_bias:
+            found.append(Operand(bias(m), Role.BIAS, (site.d_out,), site.w_dtype,
+                                 site.bias_requires_grad, m))
+    for k, a in enumerate(site.adapters):
+        if not a.reads_base_input:
+            found.append(Operand(dropped(m, k), Role.LORA_INPUT, (site.n, site.d_in),
+                                 site.lora_dtype, site.x_requires_grad, m, k))
+    for k, a in enumerate(site.adapters):
+        found.append(Operand(lora_a(m, k), Role.LORA_A, (a.r, site.d_in), site.a_dtype,
+                             a.a_requires_grad, m, k))
+        found.append(Operand(lora_b(m, k), Role.LORA_B, (site.d_out, a.r), site.a_dtype,
+                             a.b_requires_grad, m, k))
+    return found
+
+
+def operands(unit: LoraSite | SiteGroup) -> tuple[Operand, ...]:
+    """x, then each member's operands: the order the planned call takes its tensors in."""
+    group = as_group(unit)
+    first = group.members[0]
+    x = Operand(X, Role.X, (first.n, first.d_in), first.dtype, first.x_requires_grad)
+    found = [x]
+    for m, site in enumerate(group.members):
+        found += site_operands(site, m)
+    return tuple(found)
+
+
+def shapes_and_dtypes(unit: LoraSite | SiteGroup) -> dict[str, tuple[Shape, torch.dtype]]:
+    """Every operand and every tangent (dy per member), by name."""
+    group = as_group(unit)
+    found = {op.name: (op.shape, op.dtype) for op in operands(group)}
+    for m, site in enumerate(group.members):
+        found[tangent(m)] = ((site.n, site.d_out), site.result_dtype)
+    return found
+
+
+def parameter_names(unit: LoraSite | SiteGroup) -> frozenset[str]:
+    return frozenset(op.name for op in operands(unit) if op.role.is_parameter)

@@ -1,0 +1,142 @@
+"""Precision of 16-bit plans: how a merged W_eff is rounded, and the measured legality rule.
+
+In 16 bits no reordering is bit-exact, so "equivalent" means "no worse than PEFT's own path":
+a plan is legal for a site when, on that site's kind (below), it keeps the output error vs an
+fp64 truth within 1.25× PEFT's, the kept share of the true adapter effect within 0.05 of
+PEFT's, and each of dx, dA, dB within 2× PEFT's error (DESIGN.md §7). Which plan features meet
+that was measured by experiments/precision_exp.py over a grid of shapes, ranks and update
+sizes (experiments/results/precision_cpu/precision_summary.md); `RULE` is that table, and
+tests/test_precision.py re-measures it at the grid's corners.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from runlora_fx.site import LoraSite
+
+
+class Precision(enum.Enum):
+    """The dtype the LoRA products run in, where the site runs them in another than its base
+    product (PEFT on a 16-bit model keeps A, B in fp32 and casts the branch input up)."""
+
+    SITE = "LoRA in its own dtype"  # as the site runs it: PEFT's order of roundings
+    BASE = "LoRA in the base dtype"  # A, B, D(x) rounded to the base product's dtype
+
+
+class Rounding(enum.Enum):
+    """How a merged W_eff = W + s·BA (computed in fp32) is rounded to a 16-bit base dtype."""
+
+    NEAREST = "nearest"
+    STOCHASTIC = "stochastic"  # unbiased: 16 random low bits added, then truncated
+
+
+def kind(site: LoraSite) -> str | None:
+    """The site's precision kind, as precision_exp.py names it; None in 32 bits or more."""
+    if not site.is_low_precision:
+        return None
+    low = "bf16" if site.base_dtype == torch.bfloat16 else "fp16"
+    if site.lora_dtype != site.base_dtype:
+        return f"{low}-peft"  # base in 16 bits, LoRA products in the adapters' fp32
+    if site.dtype.itemsize >= 4 or site.a_dtype.itemsize >= 4:
+        # 32-bit storage, products in autocast's dtype (CPU autocast: bf16)
+        return "autocast" if low == "bf16" else f"autocast-{low}"
+    return low
+
+
+@dataclass(frozen=True)
+class Verdict:
+    legal: bool
+    evidence: str  # the worst measured figure, for the reason text
+
+
+# (kind, feature) → verdict, from experiments/results/precision_cpu/: precision_summary.md (50
+# points per kind: d 64…4096, N 64…4096, r 4…256, s·BA/W 1e-2…1e-5, W ~ normal) and
+# uniform_weights/ (24 points, W ~ U(±1/√d), nn.Linear's own init). Features:
+# "merged-nearest", "merged-stochastic" (W_eff rounded so), "branch-base" (the LoRA products
+# in the base dtype where PEFT runs them in fp32). Missing entries are illegal (not measured).
+# Rounding W + s·BA to nearest loses an update where |s·BA| < ulp(W)/2, and a uniform W has
+# fewer small elements (small ulps) than a normal one: there it keeps up to 0.15 less of the
+# adapter's effect than PEFT's output rounding does. Under autocast W is fp32, off the 16-bit
+# grid, so rounding W + s·BA is as good as dithered and merging beats PEFT.
+_NEAREST = ("kept share down to PEFT's − {} with a uniform W (nn.Linear's init; −0.054 ± 0.021 "
+            "with a normal W), beyond the 0.05 slack; output error ≤ 1.03×")
+_STOCHASTIC_OUT = "output error up to {}× PEFT's (bound 1.25×: any unbiased rounding adds " \
+    "p(1−p)·ulp² per weight where nearest leaves W as it is)"
+_BRANCH = "dA, dB errors {}× PEFT's: its fp32 branch gets them to ~1e-7, 16 bits to ~1e-3"
+RULE: dict[tuple[str, str], Verdict] = {
+    ("bf16", "merged-nearest"): Verdict(False, _NEAREST.format("0.151 ± 0.035")),
+    ("fp16", "merged-nearest"): Verdict(False, _NEAREST.format("0.162 ± 0.028")),
+    ("bf16-peft", "merged-nearest"): Verdict(False, _NEAREST.format("0.154 ± 0.034")),
+    ("fp16-peft", "merged-nearest"): Verdict(False, _NEAREST.format("0.162 ± 0.028")),
+    ("autocast", "merged-nearest"): Verdict(True, "output error ≤ 1.004× PEFT's, kept share "
+                                                  "≥ PEFT's − 0.005 ± 0.006"),
+    ("bf16", "merged-stochastic"): Verdict(False, _STOCHASTIC_OUT.format(1.295)),
+    ("fp16", "merged-stochastic"): Verdict(False, _STOCHASTIC_OUT.format(1.274)),
+    ("bf16-peft", "merged-stochastic"): Verdict(False, _STOCHASTIC_OUT.format(1.295)),
+    ("fp16-peft", "merged-stochastic"): Verdict(False, _STOCHASTIC_OUT.format(1.274)),
+    ("autocast", "merged-stochastic"): Verdict(True, "output error ≤ 1.183× PEFT's, kept "
+                                                     "share within the slack"),
+    ("bf16-peft", "branch-base"): Verdict(False, _BRANCH.format("up to 12099")),
+    ("fp16-peft", "branch-base"): Verdict(False, _BRANCH.format("up to 49327")),
+}
+
+
+def feature_names(merges: bool, rounding: Rounding | None, branch: Precision | None) -> list[str]:
+    found = []
+    if merges and rounding is not None:
+        found.append(f"merged-{rounding.value}")
+    if branch is Precision.BASE:
+        found.append("branch-base")
+    return found
+
+
+def precision_reason(
+    site: LoraSite, merges: bool, rounding: Rounding | None, branch: Precision | None
+) -> str | None:
+    """Why a plan with these features is not legal at `site` by the measured rule, or None."""
+    site_kind = kind(site)
+    if site_kind is None:
+        return None
+    for feature in feature_names(merges, rounding, branch):
+        verdict = RULE.get((site_kind, feature))
+        if verdict is None:
+            return f"{feature} on a {site_kind} site was not measured (precision_exp.py)"
+        if not verdict.legal:
+            return f"{feature} on a {site_kind} site is worse than PEFT's own path: {verdict.evidence}"
+    return None
+
+
+# ---- rounding ----------------------------------------------------------------------------------
+
+
+def stochastic_round(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round fp32 `value` to bf16/fp16 up or down with probability by distance (unbiased).
+
+    bf16: add 16 uniformly random low bits to the fp32 bit pattern and truncate them. fp16 (a
+    different exponent range): draw u ~ U[0, 1) and round down at the fp16 grid point below
+    value + u·ulp. Random bits come from torch's generator, so seeded runs reproduce.
+    """
+    value = value.float()
+    if dtype == torch.bfloat16:
+        noise = torch.randint(0, 1 << 16, value.shape, dtype=torch.int32, device=value.device)
+        bits = (value.view(torch.int32) + noise) & -65536  # clear the low 16 bits
+        return bits.view(torch.float32).to(torch.bfloat16)
+    if dtype == torch.float16:
+        down = value.to(torch.float16)
+        down = torch.where(down.float() > value, torch.nextafter(
+            down, torch.full_like(down, float("-inf"))), down)
+        up = torch.nextafter(down, torch.full_like(down, float("inf")))
+        gap = (up.float() - down.float()).clamp_min(torch.finfo(torch.float32).tiny)
+        take_up = torch.rand(value.shape, device=value.device) * gap < value - down.float()
+        return torch.where(take_up, up, down)
+    return value.to(dtype)
+
+
+def round_to(value: torch.Tensor, dtype: torch.dtype, rounding: Rounding | None) -> torch.Tensor:
+    if rounding is Rounding.STOCHASTIC and value.dtype != dtype:
+        return stochastic_round(value, dtype)
+    return value.to(dtype)

@@ -1,0 +1,95 @@
+"""The measured precision rule for 16-bit plans (runlora_fx/precision.py), re-measured at the
+corners of experiments/precision_exp.py's grid with the programs the rewritten graph runs
+(experiments/precision_plans.py): every feature the rule makes legal meets it at every corner,
+and every feature it makes illegal misses it at one corner at least, beyond measurement noise.
+
+d = 1024 and 4096 live in the committed grid (experiments/results/precision_cpu): 16-bit GEMMs are
+emulated on this CPU, so the test's corners are d = 64 with N = 4096 (the statistics of a large
+layer), W normal at r 4 and 64 over four decades of update size, and W uniform (nn.Linear's own
+init) where the grid found merging keeps least of the adapter's effect.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import load_script
+from runlora_fx.precision import RULE, Precision, Rounding, kind, precision_reason
+from runlora_fx.site import Adapter, LoraSite
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))  # precision_plans imports as precision_exp's plugin
+exp = load_script(EXPERIMENTS / "precision_exp.py", "precision_exp")
+plans = load_script(EXPERIMENTS / "precision_plans.py", "precision_plans")
+
+FEATURES = {
+    "merged-nearest": "runlora:merged-nearest",
+    "merged-stochastic": "runlora:merged-stochastic",
+    "branch-base": "runlora:branch-base",
+}
+CORNERS = [exp.Point(64, 4096, r, rel) for r in (4, 64) for rel in (1e-2, 1e-3, 1e-4, 1e-5)]
+CORNERS += [exp.Point(64, 4096, 4, rel, "uniform") for rel in (1e-3, 1e-4)]
+
+
+def verdicts(points, kinds) -> dict[tuple[str, str], list[dict]]:
+    """(kind, feature) → the rule's judgement at each point, from a real measurement."""
+    exp.VARIANTS.update(plans.VARIANTS)
+    names = ["peft", *FEATURES.values()]
+    found: dict[tuple[str, str], list[dict]] = {}
+    for point in points:
+        for row in exp.run_point(point, [exp.KINDS[k] for k in kinds], names, 2.0, 0):
+            feature = next((f for f, v in FEATURES.items() if v == row["variant"]), None)
+            if feature is not None:
+                found.setdefault((row["kind"], feature), []).append(row)
+    return found
+
+
+def meets(row: dict) -> bool:
+    return row["pass"] or row["kept_fail_within_noise"]
+
+
+@pytest.fixture(scope="module")
+def corners():
+    return verdicts(CORNERS, list(exp.KINDS))
+
+
+@pytest.mark.parametrize("entry", sorted(RULE), ids=lambda e: f"{e[0]}-{e[1]}")
+def test_the_rule_holds_at_the_grid_corners(corners, entry):
+    rows = corners[entry]
+    assert len(rows) == len(CORNERS)
+    if RULE[entry].legal:
+        assert all(meets(r) for r in rows), [(r["d"], r["r"], r["rel"], r["fails"]) for r in rows]
+    else:
+        assert not all(meets(r) for r in rows)
+
+
+def test_split_programs_are_pefts_own_path():
+    """runlora's PEFT-order program in the site's dtypes computes what PEFT computes."""
+    exp.VARIANTS.update(plans.VARIANTS)
+    for row in exp.run_point(CORNERS[1], list(exp.KINDS.values()),
+                             ["peft", "runlora:split"], 2.0, 0):
+        if row["variant"] == "runlora:split":
+            assert row["out_err_ratio"] == pytest.approx(1.0, abs=1e-3)
+            assert row["dA_err_ratio"] == pytest.approx(1.0, abs=1e-2)
+
+
+def _site(**dtypes) -> LoraSite:
+    return LoraSite("s", 4096, 64, 64, (Adapter(4, 0.0, 1.0, True, True),), torch.bfloat16,
+                    False, False, True, True, **dtypes)
+
+
+def test_kinds_and_reasons():
+    peft_default = _site(adapter_dtype=torch.float32, branch_dtype=torch.float32,
+                         out_dtype=torch.bfloat16)
+    autocast = LoraSite("s", 4096, 64, 64, (Adapter(4, 0.0, 1.0, True, True),), torch.float32,
+                        False, False, True, True, compute_dtype=torch.bfloat16)
+    assert (kind(_site()), kind(peft_default), kind(autocast)) == ("bf16", "bf16-peft", "autocast")
+    assert "uniform W" in precision_reason(_site(), True, Rounding.NEAREST, None)
+    assert "1.295" in precision_reason(peft_default, True, Rounding.STOCHASTIC, Precision.SITE)
+    assert precision_reason(autocast, True, Rounding.NEAREST, None) is None
+    assert precision_reason(autocast, True, Rounding.STOCHASTIC, None) is None
+    assert "dA, dB" in precision_reason(peft_default, False, None, Precision.BASE)
