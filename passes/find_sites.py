@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.symbolic_shapes import optimization_hint
 
 from runlora_fx.operands import Operand, Role
 from runlora_fx.passes.cut_sites import cut_sites
@@ -28,6 +27,7 @@ from runlora_fx.passes.patterns import (
 )
 from runlora_fx.passes.quantized import Opaque, opaque_base
 from runlora_fx.site import Adapter, Base, LoraSite, SkippedSite, WeightLayout
+from runlora_fx.symints import size_hint
 
 Key = tuple[Role, int | None]
 
@@ -292,7 +292,7 @@ def match_site(root: fx.Node, sum_node: fx.Node, base: BaseForm, terms: list[Ter
     if len({t.device for t in tensors}) != 1:
         raise Unsupported("x, W, bias and adapters are on different devices")
     n = math.prod(x.shape[:-1])
-    n_hint = optimization_hint(n) if isinstance(n, torch.SymInt) else int(n)
+    n_hint = size_hint(n)
     site = LoraSite(
         path=site_path(base.node, terms),
         n=int(n_hint),

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
-from torch.fx.experimental.symbolic_shapes import optimization_hint
 from torch.utils.flop_counter import FlopCounterMode
+
+from runlora_fx.symints import size_hint
 
 
 @dataclass(frozen=True)
@@ -18,10 +19,6 @@ class SavedTensor:
     dtype: torch.dtype
     nbytes: int
     is_parameter: bool
-
-
-def _hint(dim: int | torch.SymInt) -> int:
-    return optimization_hint(dim) if isinstance(dim, torch.SymInt) else int(dim)
 
 
 def saved_tensors(
@@ -38,7 +35,7 @@ def saved_tensors(
             continue
         if not isinstance(value, torch.Tensor):
             continue  # saved SymInts
-        shape = tuple(_hint(d) for d in value.shape)
+        shape = tuple(size_hint(d) for d in value.shape)
         numel = 1
         for d in shape:
             numel *= d
