@@ -13,7 +13,10 @@
 # more). Each run gets a share of the budget (27/33/40 %; what a run leaves passes to the next):
 # the CLI's --time_limit skips variants, in the order above, whose compile would not fit, and a
 # hard timeout 30 s later guards the rest. Set GPU_CHECK_FLOOR=1 to add the floor to 250m and 1.3b
-# (about two minutes more), GPU_CHECK_BUDGET_S to change the 480 s budget.
+# (about two minutes more), GPU_CHECK_BUDGET_S to change the 480 s budget, GPU_CHECK_RUNS to run
+# only some configurations (names as below, e.g. "llama_60m_b64_r8"; the budget is then shared
+# among those alone) and GPU_CHECK_VARIANTS to replace the variants of every run (e.g.
+# "peft+inductor runlora:flops" for the paired ratio alone, on a short lease).
 #
 # Writes three files to OUT_DIR (few files, so that a remote runner brings all of them back):
 #   tables.md    every configuration's table, with the environment and any run that failed
@@ -33,6 +36,7 @@ MIN_RUN_TIME=${GPU_CHECK_MIN_RUN_TIME:-15}
 TARGETS="q_proj v_proj k_proj o_proj up_proj down_proj gate_proj"
 LARGE_VARIANTS="peft runlora:flops peft+inductor"
 [[ ${GPU_CHECK_FLOOR:-0} == 1 ]] && LARGE_VARIANTS="$LARGE_VARIANTS floor"
+ONLY=${GPU_CHECK_RUNS:-}
 
 if [[ ! -f experiments/model_exp.py ]]; then
   echo "gpu_check: run me from the repository root (experiments/model_exp.py not found)" >&2
@@ -63,11 +67,20 @@ ln -s "$PWD/passes" "$WORK/src/runlora_fx/passes"
 export PYTHONPATH="$WORK/src${PYTHONPATH:+:$PYTHONPATH}"
 
 # name | share of the budget, % | arguments
-RUNS=(
-  "llama_60m_b64_r8|27|-m configs/llama_60m.json --n_batch 64 -r 8 --variants peft runlora:flops peft+inductor floor"
-  "llama_250m_b58_r128|33|-m configs/llama_250m.json --n_batch 58 -r 128 --variants $LARGE_VARIANTS"
-  "llama_1.3b_b24_r512|40|-m configs/llama_1.3b.json --n_batch 24 -r 512 --variants $LARGE_VARIANTS"
+ALL_RUNS=(
+  "llama_60m_b64_r8|27|-m configs/llama_60m.json --n_batch 64 -r 8 --variants ${GPU_CHECK_VARIANTS:-peft runlora:flops peft+inductor floor}"
+  "llama_250m_b58_r128|33|-m configs/llama_250m.json --n_batch 58 -r 128 --variants ${GPU_CHECK_VARIANTS:-$LARGE_VARIANTS}"
+  "llama_1.3b_b24_r512|40|-m configs/llama_1.3b.json --n_batch 24 -r 512 --variants ${GPU_CHECK_VARIANTS:-$LARGE_VARIANTS}"
 )
+RUNS=()
+for run in "${ALL_RUNS[@]}"; do
+  [[ -z $ONLY || " $ONLY " == *" ${run%%|*} "* ]] && RUNS+=("$run")
+done
+if ((${#RUNS[@]} == 0)); then
+  echo "gpu_check: GPU_CHECK_RUNS='$ONLY' names no configuration; valid: llama_60m_b64_r8" \
+       "llama_250m_b58_r128 llama_1.3b_b24_r512" >&2
+  exit 2
+fi
 
 {
   echo "# gpu_check $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -78,16 +91,17 @@ RUNS=(
 } >"$WORK/tables.md"
 
 deadline=$(($(date +%s) + BUDGET_S))
-later_shares=0  # % of the budget kept for the runs after the current one
+later_shares=0  # shares kept for the runs after the current one, of total_shares in all
 for run in "${RUNS[@]}"; do
   IFS='|' read -r _ share _ <<<"$run"
   later_shares=$((later_shares + share))
 done
+total_shares=$later_shares
 
 for run in "${RUNS[@]}"; do
   IFS='|' read -r name share args <<<"$run"
   later_shares=$((later_shares - share))
-  limit=$((deadline - $(date +%s) - later_shares * BUDGET_S / 100))
+  limit=$((deadline - $(date +%s) - later_shares * BUDGET_S / total_shares))
   if ((limit < 60)); then
     echo "- $name: skipped, only ${limit} s of the budget left" | tee -a "$WORK/tables.md"
     continue
@@ -116,6 +130,6 @@ done
 
 cp "$WORK/tables.md" "$OUT/tables.md"
 [[ -f $WORK/results.csv ]] && cp "$WORK/results.csv" "$OUT/results.csv"
-tar -czf "$OUT/runs.tar.gz" -C "$WORK" --exclude=tables.md --exclude=results.csv .
+tar -czf "$OUT/runs.tar.gz" -C "$WORK" --exclude=tables.md --exclude=results.csv --exclude=src .
 cat "$OUT/tables.md"
 echo "gpu_check: wrote $(ls "$OUT" | tr "\n" " ")to $OUT"
