@@ -66,6 +66,28 @@ def peft_llama(layers: int = 1, hidden: int = 32, **lora: object) -> torch.nn.Mo
     return model
 
 
+def enable_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
+    """Gradient checkpointing as a training script turns it on (non-reentrant), with
+    `use_cache=False`: with the cache on, transformers >= 5.25 logs a `warning_once` from inside
+    peft's forward-hook context manager, where Dynamo cannot break the graph, so it runs the
+    whole model eagerly and no backend sees a LoRA site. Compile it under
+    `compilable_checkpointing`."""
+    model.config.use_cache = False
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    return model
+
+
+@pytest.fixture
+def compilable_checkpointing():
+    """transformers >= 5.25 reads its output-capturing context variable inside each checkpointed
+    layer after setting it outside; Dynamo refuses that side effect in a checkpoint body and runs
+    the whole model eagerly (any backend). The hook does nothing unless hidden states are asked
+    for, so not replaying it in the backward changes nothing: allow it, as users must."""
+    with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
+        yield
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     expected = expected.double()
     return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-30)).item()

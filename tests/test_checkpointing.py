@@ -15,7 +15,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint
 
 import runlora_fx
-from conftest import PlainCompile, assert_grads_match, peft_llama, rel_err, twin
+from conftest import (
+    PlainCompile, assert_grads_match, enable_checkpointing, peft_llama, rel_err, twin,
+)
 from runlora_fx.backend import choose, chooser_for, find, rewrite
 from runlora_fx.choose import Decision
 from runlora_fx.execute import RECOMPUTE_ANNOTATION, PlannedLora
@@ -23,6 +25,8 @@ from runlora_fx.options import parse_options
 from runlora_fx.partitioned import saved_tensors
 from runlora_fx.plans import Hidden
 from runlora_fx.records import GraphReport
+
+pytestmark = pytest.mark.usefixtures("compilable_checkpointing")
 
 TOL = 1e-5
 BATCH, SEQ = 2, 40  # N = 80 > d/2: merged plans that recompute h, so the tags are exercised
@@ -51,10 +55,7 @@ class SubgraphPipeline(runlora_fx.Backend):
 
 
 def checkpointed_llama(**lora: object) -> torch.nn.Module:
-    model = peft_llama(layers=2, **lora)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    return model
+    return enable_checkpointing(peft_llama(layers=2, **lora))
 
 
 def ids() -> torch.Tensor:

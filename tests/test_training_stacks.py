@@ -11,7 +11,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 import runlora_fx
-from conftest import assert_grads_match, peft_llama, rel_err, twin
+from conftest import assert_grads_match, enable_checkpointing, peft_llama, rel_err, twin
 from runlora_fx.plans import Forward
 
 EAGER_INNER = {"inner": "eager"}
@@ -75,10 +75,9 @@ def test_trainer_on_a_model_compiled_with_runlora_matches_eager(tmp_path):
     assert doc["totals"]["sites_rewritten"] == 7 and not doc["skipped"]
 
 
+@pytest.mark.usefixtures("compilable_checkpointing")
 def test_gradient_checkpointing_matches_eager():
-    eager = peft_llama(layers=2)
-    eager.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    eager.enable_input_require_grads()
+    eager = enable_checkpointing(peft_llama(layers=2))
     model = twin(eager)
     backend = runlora_fx.Backend(EAGER_INNER)
     compiled = torch.compile(model, backend=backend)
