@@ -14,6 +14,8 @@ call its builder twice instead — builders are deterministic.
     bert_peft            BERT classifier + PEFT; the model's own dropouts feed the sites
     dropout_linear_peft  nn.Dropout(p) then one PEFT-wrapped nn.Linear (the minimal BERT repro)
     t5_peft              T5ForConditionalGeneration + PEFT on q, k, v, o, wi, wo
+    hf_peft              any of ARCHITECTURES (decoders, encoders, encoder-decoders, ViT) + PEFT
+                         on every linear ("all-linear")
     bnb_llama_peft       QLoRA: Llama loaded through BitsAndBytesConfig (4- or 8-bit, on CPU)
     nf4_lora_module      torchao linear_nf4 base + hand-written LoRA branch
     torchtune_llama      torchtune lora_llama2 (quantize_base=True: QLoRA over torchao NF4)
@@ -158,6 +160,72 @@ def t5_peft(lora_dropout: float = 0.0) -> Case:
                   ["q", "k", "v", "o", "wi", "wo"], lora_dropout=lora_dropout)
     ids, dec = _tokens(BATCH, SEQ), _tokens(BATCH, SEQ // 2, seed=2)
     return Case(model, (), _logits_loss, {"input_ids": ids, "decoder_input_ids": dec})
+
+
+_DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=4, max_position_embeddings=64)
+_GQA = dict(_DECODER, num_key_value_heads=2)
+_SEQ2SEQ = dict(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
+                encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                decoder_ffn_dim=64, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                decoder_start_token_id=0)
+_NO_SPECIAL_TOKENS = dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)
+# name → (transformers model class, its config's keyword arguments, inputs): the LoRA site
+# shapes the model families bring — GQA, qkv bias, fused qkv (GPT-NeoX, Falcon, BLOOM, Phi-3's
+# qkv_proj and gate_up_proj), parallel attention and MLP (GPT-J, Falcon), post-norm encoders,
+# cross-attention (BART, Whisper), patch embeddings (ViT)
+ARCHITECTURES: dict[str, tuple[str, dict[str, Any], str]] = {
+    "mistral": ("MistralForCausalLM", _GQA, "tokens"),
+    "qwen2": ("Qwen2ForCausalLM", _GQA, "tokens"),
+    "qwen3": ("Qwen3ForCausalLM", dict(_GQA, head_dim=8), "tokens"),
+    "gemma2": ("Gemma2ForCausalLM", dict(_GQA, head_dim=8), "tokens"),
+    "phi": ("PhiForCausalLM", _DECODER, "tokens"),
+    "phi3": ("Phi3ForCausalLM", dict(_DECODER, **_NO_SPECIAL_TOKENS), "tokens"),
+    "opt": ("OPTForCausalLM", dict(vocab_size=VOCAB, hidden_size=32, ffn_dim=64,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   max_position_embeddings=64, word_embed_proj_dim=32), "tokens"),
+    "gpt_neox": ("GPTNeoXForCausalLM", _DECODER, "tokens"),
+    "falcon": ("FalconForCausalLM", dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                                         num_attention_heads=4), "tokens"),
+    "bloom": ("BloomForCausalLM", dict(vocab_size=VOCAB, hidden_size=32, n_layer=1, n_head=4),
+              "tokens"),
+    "gptj": ("GPTJForCausalLM", dict(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4,
+                                     n_positions=64, rotary_dim=4, **_NO_SPECIAL_TOKENS),
+             "tokens"),
+    "roberta": ("RobertaForMaskedLM", dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1,
+                                           num_attention_heads=4, intermediate_size=64,
+                                           max_position_embeddings=64), "tokens"),
+    "distilbert": ("DistilBertForMaskedLM", dict(vocab_size=VOCAB, dim=32, n_layers=1, n_heads=4,
+                                                 hidden_dim=64, max_position_embeddings=64),
+                   "tokens"),
+    "vit": ("ViTForImageClassification", dict(image_size=16, patch_size=8, hidden_size=32,
+                                              num_hidden_layers=1, num_attention_heads=4,
+                                              intermediate_size=64, num_labels=3), "pixels"),
+    "bart": ("BartForConditionalGeneration", dict(_SEQ2SEQ, max_position_embeddings=64),
+             "seq2seq"),
+    "whisper": ("WhisperForConditionalGeneration", dict(_SEQ2SEQ, num_mel_bins=8,
+                                                        max_source_positions=8,
+                                                        max_target_positions=16), "audio"),
+}
+
+
+def hf_peft(arch: str, lora_dropout: float = 0.1) -> Case:
+    """A 1-layer transformers model of family `arch`, PEFT LoRA on every linear but the head."""
+    transformers = need("transformers")
+    model_class, config_kwargs, inputs = ARCHITECTURES[arch]
+    model_class = getattr(transformers, model_class)
+    torch.manual_seed(0)
+    model = _peft(model_class(model_class.config_class(**config_kwargs)), "all-linear",
+                  lora_dropout=lora_dropout)
+    decoder = {"decoder_input_ids": _tokens(BATCH, SEQ // 2, seed=2)}
+    if inputs == "pixels":
+        return Case(model, (torch.randn(BATCH, 3, 16, 16),), _logits_loss)
+    if inputs == "seq2seq":
+        return Case(model, (), _logits_loss, {"input_ids": _tokens(BATCH, SEQ), **decoder})
+    if inputs == "audio":  # log-mel features: num_mel_bins × 2·max_source_positions frames
+        return Case(model, (), _logits_loss, {"input_features": torch.randn(BATCH, 8, 16),
+                                              **decoder})
+    return Case(model, (_tokens(BATCH, SEQ),), _logits_loss)
 
 
 def bnb_llama_peft(bits: int = 4, lora_dropout: float = 0.1, double_quant: bool = True) -> Case:

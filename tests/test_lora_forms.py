@@ -1,6 +1,7 @@
 """The LoRA users run (tests/lora_zoo.py: GPT-2's Conv1D, BERT and T5 behind their own dropout,
-QLoRA on bitsandbytes 4-bit and torchao NF4, torchtune, loralib, DoRA): every LoRA module is
-rewritten or reported with its reason — none is missed silently — and every grad equals eager's.
+the transformers families of zoo.ARCHITECTURES, QLoRA on bitsandbytes 4-bit and torchao NF4,
+torchtune, loralib, DoRA): every LoRA module is rewritten or reported with its reason — none is
+missed silently — and every grad equals eager's.
 
 Each case is built twice from its seed (a deep copy would re-quantize an NF4 weight).
 """
@@ -29,7 +30,9 @@ REWRITTEN = {
     "nf4-x-grad": (zoo.nf4_lora_module, {"x_requires_grad": True}),
     "nf4-x-frozen": (zoo.nf4_lora_module, {"x_requires_grad": False}),
     "torchtune-qlora": (zoo.torchtune_llama, {}),
+    "torchtune-lora": (zoo.torchtune_llama, {"quantize_base": False}),
     "loralib-linear": (zoo.loralib_linear, {}),
+    **{arch: (zoo.hf_peft, {"arch": arch}) for arch in zoo.ARCHITECTURES},
 }
 REPORTED = {  # case → (builder, kwargs, a phrase every reason for it holds)
     "loralib-merged-linear": (zoo.loralib_merged_linear, {}, "loralib MergedLinear"),
