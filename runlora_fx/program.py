@@ -274,7 +274,8 @@ def program_for(plan: Plan, unit: LoraSite | SiteGroup) -> Program:
     backward_steps = fuse(backward.steps, plan, backward.metas)
     tangents = tuple(ops.tangent(m) for m in range(len(group.members)))
     saved = _saved(backward_steps, tangents)
-    forward_steps = _saved_slices_copied(fuse(forward.steps, plan, forward.metas), saved)
+    forward_steps = _leaving_slices_copied(fuse(forward.steps, plan, forward.metas),
+                                           {*saved, *outputs})
     return Program(
         forward=tuple(forward_steps),
         backward=tuple(backward_steps),
@@ -285,12 +286,14 @@ def program_for(plan: Plan, unit: LoraSite | SiteGroup) -> Program:
     )
 
 
-def _saved_slices_copied(forward: list[Step], saved: tuple[str, ...]) -> list[Step]:
-    """A saved slice of a fused GEMM's result gets its own storage: saved as a view, it would
-    keep the whole result (y's columns too) alive until the backward."""
+def _leaving_slices_copied(forward: list[Step], leaving: set[str]) -> list[Step]:
+    """A slice of a fused GEMM's result that leaves the forward — saved for the backward, or a
+    member's output, which the model may save (v into attention) — gets its own storage: as a
+    view it would keep the whole result (its siblings' columns too) alive until the backward.
+    Inductor folds the copy into a pointwise consumer; it is materialised only where kept."""
     steps: list[Step] = []
     for step in forward:
-        if step.op == "slice" and step.out in saved:
+        if step.op == "slice" and step.out in leaving:
             view = replace(step, out=f"{step.out}@")
             steps += [view, Step(step.out, "copy", (view.out,))]
         else:

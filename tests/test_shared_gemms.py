@@ -117,3 +117,37 @@ def test_a_folded_site_runs_one_gemm_for_two(fold):
     for d in folded:
         width = (d.site.d_out if fold == "fold_x" else d.site.d_in) + r
         assert shapes[tuple(sorted((n, width)))] >= 1
+
+
+def kept_storage_bytes(run, model) -> int:
+    """Bytes of the storages the step keeps for its backward, each storage once, weights
+    excluded: a saved view keeps its whole storage alive, which a list of saved shapes hides."""
+    weights = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    kept: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            kept.setdefault(storage.data_ptr(), storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(kept.values())
+
+
+def test_a_group_keeps_no_more_storage_than_plain_compile():
+    """q/k/v merged and stacked into one GEMM in fp32: v goes into attention, which saves it;
+    a slice of the group's result would keep q's and k's columns (pre-rotary) alive with it."""
+    ours = peft_llama(layers=1, hidden=64)
+    ours.config.use_cache = False  # as in training: k and v are not copied into a cache
+    plain = twin(ours)
+    ids = torch.randint(0, 128, (4, 256), generator=torch.Generator().manual_seed(0))
+    backend, plain_backend = runlora_fx.Backend({"inner": "eager"}), PlainCompile()
+    step(ours, ids, backend)  # compile
+    step(plain, ids, plain_backend)
+    decisions = [d for r in backend.reports for d in r.decisions]
+    assert any(d.chosen.plan.stack_w and d.chosen.plan.merges for d in decisions)
+    ours_kept = kept_storage_bytes(lambda: step(ours, ids, backend), ours)
+    plain_kept = kept_storage_bytes(lambda: step(plain, ids, plain_backend), plain)
+    assert ours_kept <= plain_kept
