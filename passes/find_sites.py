@@ -223,8 +223,11 @@ def _dtypes(base: BaseForm, terms: list[Term], root: fx.Node, x: torch.Tensor,
     base_out = _tensor(base.node, "the base's result").dtype
     weights = [(_tensor(t.lora_a.weight, "A").dtype, _tensor(t.lora_b.weight, "B").dtype)
                for t in terms]
-    if len({d for pair in weights for d in pair}) != 1:
+    if any(a != b for a, b in weights):
         raise Unsupported("lora_A and lora_B weights differ in dtype")
+    if len({a for a, _ in weights}) != 1:  # several adapters, each in its own dtype
+        raise Unsupported(f"the adapters are stored in several dtypes: "
+                          f"{sorted(_name(a) for a, _ in weights)}")
     lora = {_tensor(t.lora_a.node, "h").dtype for t in terms}
     lora |= {_tensor(t.product_end, "a LoRA term").dtype for t in terms}
     if len(lora) != 1:

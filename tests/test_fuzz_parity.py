@@ -1,9 +1,9 @@
 """Property-based parity: random LoRA models, in every style users write, compiled with runlora,
 match eager — outputs, every parameter grad and the input grad (fp32, rel err ≤ 1e-5).
 
-Styles that `passes/find_sites.py` recognises are rewritten (each example asserts how many
-sites were); the others (weights stored transposed and used as `x @ W_t`, a matmul base with a
-separate bias add, a scale applied before lora_B) are left to the inner compiler untouched and
+Every style is rewritten (each example asserts how many sites were) — also weights stored
+in×out and used as `x @ W_t`, and a matmul base with a separate bias add — but for a scale
+applied before lora_B, which is not LoRA-shaped: it is left to the inner compiler untouched and
 must be exact all the same.
 
 Profiles (environment variable RUNLORA_FUZZ_PROFILE):
