@@ -285,12 +285,16 @@ def plan_code(plan: Plan) -> str:
     fwd, dx, da, db = (
         "-" if choice is None else CODES[choice.value]
         for choice in (plan.forward, plan.input_grad, plan.grad_a, plan.grad_b))
-    return f"{fwd},{dx},{da},{db}{'' if plan.hidden is None else CODES[plan.hidden.value]}"
+    shared = "".join(mark for flag, mark in (("fold_x", "+x"), ("fold_dy", "+dy"))
+                     if getattr(plan, flag))
+    return (f"{fwd},{dx},{da},{db}{'' if plan.hidden is None else CODES[plan.hidden.value]}"
+            f"{shared}")
 
 
-LEGEND = ("Plan code = forward, dx, dA, dB[:h]. Forward/dx: S split, M merged, R merged with "
-          "W_eff recomputed, K merged with W_eff kept. dA: gB = (gB)ᵀx, gx = Bᵀ(gᵀx). dB: h = gᵀh "
-          "with h saved (:save) or recomputed (:rec), gx = (gᵀx)Aᵀ.")
+LEGEND = ("Plan code = forward, dx, dA, dB[:h][+x][+dy]. Forward/dx: S split, M merged, R merged "
+          "with W_eff recomputed, K merged with W_eff kept. dA: gB = (gB)ᵀx, gx = Bᵀ(gᵀx). dB: "
+          "h = gᵀh with h saved (:save) or recomputed (:rec), gx = (gᵀx)Aᵀ. +x: h from the "
+          "forward GEMM x·[W; A]ᵀ; +dy: dh from the backward GEMM dy·[W | s·B].")
 
 
 def score_table(names: Sequence[str], results: Sequence[PointResult], within: float) -> str:
