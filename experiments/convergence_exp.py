@@ -38,6 +38,7 @@ import argparse
 import copy
 import csv
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -339,7 +340,7 @@ def plot(out: Path, curves: list[Curve]) -> None:
 
     window = max(1, min(20, len(curves[0].train) // 10))
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
-    for c, style in zip(curves, ["-", "--", "-.", ":", (0, (5, 1))]):
+    for c, style in zip(curves, itertools.cycle(["-", "--", "-.", ":", (0, (5, 1))])):
         steps = range(1, len(c.train) + 1)
         line, = left.plot(steps, smooth(c.train, window), ls=style, label=f"{c.variant} (train)")
         left.plot(*zip(*c.val), "o", color=line.get_color(), ms=3)
