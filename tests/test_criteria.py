@@ -186,13 +186,13 @@ def test_roofline_follows_flops_when_compute_bound_and_bytes_when_memory_bound()
 
 
 def brute_force(options, budget):
-    best_key, best_picks = None, None
+    best_key = None
     for picks in itertools.product(*(range(len(o)) for o in options)):
         if sum(options[i][j][1] for i, j in enumerate(picks)) > budget:
             continue
         key = tuple(map(sum, zip(*(options[i][j][0] for i, j in enumerate(picks)))))
         if best_key is None or key < best_key:
-            best_key, best_picks = key, picks
+            best_key = key
     return best_key
 
 

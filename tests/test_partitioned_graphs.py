@@ -34,7 +34,7 @@ def test_saved_set_follows_the_chosen_plans():
              if not t.is_parameter]
     n = BATCH * SEQ
     for decision in report.decisions:
-        site, plan = decision.site, decision.chosen.plan
+        plan = decision.chosen.plan
         assert plan.forward is Forward.MERGED
         assert plan.hidden is Hidden.RECOMPUTE
         assert plan.input_grad in (None, InputGrad.MERGED_RECOMPUTE)

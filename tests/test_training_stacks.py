@@ -3,7 +3,6 @@ train/eval switching. Inner compiler "eager" throughout: the rewrite is what is 
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
