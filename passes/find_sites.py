@@ -295,10 +295,9 @@ def match_site(root: fx.Node, sum_node: fx.Node, base: BaseForm, terms: list[Ter
     if len({t.device for t in tensors}) != 1:
         raise Unsupported("x, W, bias and adapters are on different devices")
     n = math.prod(x.shape[:-1])
-    n_hint = size_hint(n)
     site = LoraSite(
         path=site_path(base.node, terms),
-        n=int(n_hint),
+        n=size_hint(n),
         d_in=int(d_in),
         d_out=int(d_out),
         adapters=adapters,

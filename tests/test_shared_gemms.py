@@ -6,12 +6,13 @@ programs', and every grad matches eager."""
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 
 import runlora_fx
-from conftest import PlainCompile, assert_grads_match, peft_llama, rel_err, twin
+from conftest import PlainCompile, assert_grads_match, load_script, peft_llama, rel_err, twin
 from runlora_fx.partitioned import graph_flops
 from runlora_fx.plans import reference_plan
 from runlora_fx.cost import cost_of
@@ -120,20 +121,12 @@ def test_a_folded_site_runs_one_gemm_for_two(fold):
 
 
 def kept_storage_bytes(run, model) -> int:
-    """Bytes of the storages the step keeps for its backward, each storage once, weights
-    excluded: a saved view keeps its whole storage alive, which a list of saved shapes hides."""
-    weights = {t.untyped_storage().data_ptr() for t in model.parameters()}
-    kept: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            kept.setdefault(storage.data_ptr(), storage.nbytes())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run()
-    return sum(kept.values())
+    """What the benchmark reports as activations kept: the storages saved for the backward, each
+    once, weights excluded — a saved view keeps its whole storage alive, which a list of saved
+    shapes hides."""
+    bench_lib = load_script(Path(__file__).resolve().parents[1] / "experiments" / "bench_lib.py",
+                            "bench_lib")
+    return bench_lib.saved_activation_bytes(run, bench_lib.state_storages(model))
 
 
 def test_a_group_keeps_no_more_storage_than_plain_compile():
