@@ -44,6 +44,9 @@ class SiteMatch:
     owned: tuple[fx.Node, ...]  # replaced by the rewrite, in graph order
     n: int | torch.SymInt  # N as the graph knows it: a SymInt when the batch is dynamic
     transposed: frozenset[Key] = frozenset()  # adapter weights stored in×out: read as `.t()`
+    # the branches' own dropouts (and the casts only they read): replaced too by a plan that
+    # draws its own dropped positions
+    dropout_nodes: tuple[fx.Node, ...] = ()
 
     def node_for(self, operand: Operand) -> fx.Node:
         return self.x if operand.role is Role.X else self.nodes[(operand.role, operand.adapter)]
@@ -190,7 +193,21 @@ def _check_casts(casts: tuple[fx.Node, ...], x: torch.Tensor, lora: torch.dtype)
 # ---- one site ----------------------------------------------------------------------------------
 
 
-def _adapter(t: Term, source: BranchInput, x: torch.Tensor, d_out: int) -> Adapter:
+def _dropout_chain(t: Term, source: BranchInput) -> tuple[fx.Node, ...]:
+    """The branch's dropout and the casts of x that feed only it, when the dropout feeds only
+    this branch's lora_A (else empty: only the graph's mask gives every reader one D(x))."""
+    if source.dropout is None or source.p == 0 or set(source.dropout.users) != {t.lora_a.node}:
+        return ()
+    chain = [source.dropout]
+    for cast in source.casts:  # from the dropout's input back towards x
+        if set(cast.users) != {chain[-1]}:
+            break
+        chain.append(cast)
+    return tuple(chain)
+
+
+def _adapter(t: Term, source: BranchInput, x: torch.Tensor, d_out: int,
+             own_dropout: bool) -> Adapter:
     if t.lora_a.bias is not None or t.lora_b.bias is not None:
         raise Unsupported("a LoRA linear has a bias")
     a, b = _tensor(t.lora_a.weight, "lora_A weight"), _tensor(t.lora_b.weight, "lora_B weight")
@@ -214,6 +231,7 @@ def _adapter(t: Term, source: BranchInput, x: torch.Tensor, d_out: int) -> Adapt
         scale=float(scale) if isinstance(scale, (int, float)) else None,
         a_requires_grad=a.requires_grad,
         b_requires_grad=b.requires_grad,
+        own_dropout=own_dropout,
     )
 
 
@@ -285,7 +303,14 @@ def match_site(root: fx.Node, sum_node: fx.Node, base: BaseForm, terms: list[Ter
         inner = [t.lora_a.node, t.lora_b.node] + [n for n in (t.mul, t.cast) if n is not None]
         _chain(inner[:-1], inner[-1], "a LoRA intermediate")
         _only_user(inner[-1], add, "a LoRA intermediate")
-    adapters = tuple(_adapter(t, s, x, int(d_out)) for t, s in zip(terms, sources))
+    chains = [_dropout_chain(t, s) for t, s in zip(terms, sources)]
+    order = {node: i for i, node in enumerate(root.graph.nodes)}
+    # a plan drawing its own positions reads x at the site's end: x must not change before
+    own = [s.p == 0 or bool(c) and _mutation_inside(min(c, key=order.__getitem__), root,
+                                                     set(adds)) is None
+           for s, c in zip(sources, chains)]
+    adapters = tuple(_adapter(t, s, x, int(d_out), o)
+                     for t, s, o in zip(terms, sources, own))
     dtypes = _dtypes(base, terms, root, x, w)
     lora_dtype = dtypes["branch_dtype"] or dtypes["compute_dtype"] or x.dtype
     for source in sources:
@@ -320,14 +345,15 @@ def match_site(root: fx.Node, sum_node: fx.Node, base: BaseForm, terms: list[Ter
         if lin.layout is WeightLayout.IN_OUT
     )
     owned = _owned(root, base, terms, adds, sources)
-    order = {node: i for i, node in enumerate(root.graph.nodes)}
     mutation = _mutation_inside(min(owned, key=order.__getitem__), root, set(adds))
     if mutation is not None:
         raise Unsupported(
             f"an in-place op ({mutation.name}) runs between the site's reads and its sum"
         )
+    dropout_nodes = {node for chain, o in zip(chains, own) if o for node in chain}
     return SiteMatch(site, root, x_node, nodes, tuple(t.scale for t in terms),
-                     tuple(sorted(owned, key=order.__getitem__)), n, transposed)
+                     tuple(sorted(owned, key=order.__getitem__)), n, transposed,
+                     tuple(sorted(dropout_nodes, key=order.__getitem__)))
 
 
 def _operand_nodes(base: BaseForm, terms: list[Term],

@@ -7,7 +7,6 @@ import operator
 import torch.fx as fx
 
 from runlora_fx.execute import PlannedLora
-from runlora_fx.operands import operands
 from runlora_fx.passes.find_sites import SiteMatch
 from runlora_fx.plans import Plan
 from runlora_fx.site import SiteGroup
@@ -26,7 +25,7 @@ def rewrite_unit(graph: fx.Graph, members: tuple[SiteMatch, ...], plan: Plan, na
     scales = tuple(s for m in members for s in m.scales)
     with graph.inserting_before(first):
         tensors = []
-        for op in operands(unit):
+        for op in planned.operands:
             match = members[op.member]
             node = replaced.get(match.node_for(op), match.node_for(op))
             if (op.role, op.adapter) in match.transposed:  # stored in×out: read A.t(), a view
@@ -42,6 +41,8 @@ def rewrite_unit(graph: fx.Graph, members: tuple[SiteMatch, ...], plan: Plan, na
         replaced[member.root] = result
     if len(members) > 1:
         call.meta["example_value"] = tuple(m.root.meta.get("example_value") for m in members)
-    owned = sorted({n for m in members for n in m.owned}, key=order.__getitem__)
-    for old in reversed(owned):  # users before producers
+    doomed = {n for m in members for n in m.owned}
+    if plan.sparse_dropout:  # the plan draws its own positions: the graph's dropouts go too
+        doomed |= {n for m in members for n in m.dropout_nodes}
+    for old in sorted(doomed, key=order.__getitem__, reverse=True):  # users before producers
         graph.erase_node(old)

@@ -83,9 +83,12 @@ class Chosen:
 # ---- the stages --------------------------------------------------------------------------------
 
 
-def find(gm: fx.GraphModule, report: GraphReport, grouping: bool = True) -> list[Found]:
+def find(gm: fx.GraphModule, report: GraphReport, grouping: bool = True,
+         sparse_dropout: bool = True) -> list[Found]:
     """Every site of `gm` and of its higher-order-op bodies, grouped into planning units; the
-    skipped ones (with reasons) and the LoRA-like modules no site covers go to `report`."""
+    skipped ones (with reasons) and the LoRA-like modules no site covers go to `report`.
+    `sparse_dropout`: whether dropout branches may be grouped (their plans draw their own
+    dropped positions)."""
     parts = [(part, *find_sites(part.module.graph)) for part in graph_parts(gm)]
     # a module whose LoRA runs in a checkpoint body is covered there, not missed at the top
     covered = [x.site.path for _, matches, _ in parts for x in matches]
@@ -98,7 +101,7 @@ def find(gm: fx.GraphModule, report: GraphReport, grouping: bool = True) -> list
             skipped += [SkippedSite(m.site.path, part.blocked_reason()) for m in matches]
             matches = []
         report.skipped += [SkippedSite(s.path, part.reason_prefix + s.reason) for s in skipped]
-        units = group_sites(matches) if grouping else [(m,) for m in matches]
+        units = group_sites(matches, sparse_dropout) if grouping else [(m,) for m in matches]
         found.append(Found(part, units))
     return found
 
@@ -180,16 +183,19 @@ def compile(
 
 
 def chooser_for(options: Options) -> Chooser:
-    """The Chooser `options` ask for; reads $RUNLORA_CACHE_DIR now, not at import."""
+    """The Chooser `options` ask for; reads $RUNLORA_CACHE_DIR and Inductor's fallback_random
+    now, not at import."""
     cache_dir = options.cache_dir or default_cache_dir()
+    sparse = options.sparse_dropout(torch._inductor.config.fallback_random)
     return Chooser(options.criterion, cache_dir, budgeted=options.memory_budget is not None,
-                   rounding=options.rounding, fusions=options.fusions)
+                   rounding=options.rounding, fusions=options.fusions, sparse_dropout=sparse)
 
 
 def plan(gm: fx.GraphModule, report: GraphReport, options: Options,
          chooser: Chooser) -> list[Chosen]:
     """find then choose, into `report`: what the backend would rewrite (explain() stops here)."""
-    found = find(gm, report, grouping=options.fusions and options.memory_budget is None)
+    found = find(gm, report, grouping=options.fusions and options.memory_budget is None,
+                 sparse_dropout=chooser.sparse_dropout)
     report.stages.append("find")
     chosen = choose(found, report, chooser, options.memory_budget)
     report.stages.append("choose")
@@ -210,6 +216,9 @@ class Backend:
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         report = GraphReport.for_inputs(next(self._ids), example_inputs)
         self.reports.append(report)
+        if self.chooser.sparse_dropout != self.options.sparse_dropout(
+                torch._inductor.config.fallback_random):  # flipped since: choose anew
+            self.chooser = chooser_for(self.options)
         graph_debug = None
         try:
             work = working_copy(gm)  # `gm` stays as captured: the fallback compiles it

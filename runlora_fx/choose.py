@@ -19,8 +19,7 @@ from runlora_fx.cost import Cost, cost_of
 from runlora_fx.measure import time_plans, unit_signature
 from runlora_fx.plans import Plan, plans_for, reference_plan
 from runlora_fx.precision import Rounding
-from runlora_fx.program import program_for
-from runlora_fx.roofline import device_model, predicted_seconds
+from runlora_fx.roofline import device_model, plan_seconds
 from runlora_fx.site import LoraSite, SiteGroup, as_group
 
 log = logging.getLogger("runlora_fx")
@@ -38,11 +37,15 @@ CandidateKey = Callable[[Candidate], SortKey]
 
 CRITERIA: dict[str, CandidateKey] = {
     # fewest FLOPs; ties go to fewer GEMM calls (each costs more than its FLOPs on a CPU),
-    # then fewer bytes moved (at N = d_in a merged forward with h recomputed ties the split one
-    # in FLOPs but moves ~10% more bytes), then to less saved memory
-    "flops": lambda c: (c.cost.flops, c.cost.gemms, c.cost.bytes_moved, c.cost.saved_bytes),
+    # then fewer random draws (a draw costs far more than a byte: a dense dropout mask is
+    # slower than the r-wide GEMM that reads it, DESIGN.md §8), then fewer bytes moved (at
+    # N = d_in a merged forward with h recomputed ties the split one in FLOPs but moves ~10%
+    # more bytes), then to less saved memory
+    "flops": lambda c: (c.cost.flops, c.cost.gemms, c.cost.draws, c.cost.bytes_moved,
+                        c.cost.saved_bytes),
     # least saved-for-backward memory; ties go to fewer FLOPs
-    "memory": lambda c: (c.cost.saved_bytes, c.cost.flops, c.cost.gemms, c.cost.bytes_moved),
+    "memory": lambda c: (c.cost.saved_bytes, c.cost.flops, c.cost.gemms, c.cost.draws,
+                         c.cost.bytes_moved),
     # fastest by the roofline model (roofline.py); ties go to less saved memory
     "roofline": lambda c: (c.seconds, c.cost.saved_bytes),  # type: ignore[dict-item]
     # fastest as timed on the device (measure.py); ties go to less saved memory
@@ -73,11 +76,11 @@ class Decision:
 
 
 def counted_candidates(
-    unit: LoraSite | SiteGroup, rounding: Rounding = Rounding.NEAREST, fusions: bool = True
+    unit: LoraSite | SiteGroup, rounding: Rounding = Rounding.NEAREST, fusions: bool = True,
+    sparse_dropout: bool = True,
 ) -> tuple[Candidate, ...]:
-    return tuple(
-        Candidate(plan, cost_of(plan, unit)) for plan in plans_for(unit, rounding, fusions)
-    )
+    return tuple(Candidate(plan, cost_of(plan, unit))
+                 for plan in plans_for(unit, rounding, fusions, sparse_dropout))
 
 
 def reference_saved_bytes(unit: LoraSite | SiteGroup) -> int:
@@ -102,11 +105,12 @@ def choose(
     criterion: str,
     rounding: Rounding = Rounding.NEAREST,
     fusions: bool = True,
+    sparse_dropout: bool = True,
 ) -> Decision:
     """The per-unit choice of a counted criterion ("flops" or "memory")."""
     if criterion not in COUNTED:
         raise ValueError(f"criterion {criterion!r} needs measurements: use Chooser")
-    return best(unit, criterion, counted_candidates(unit, rounding, fusions))
+    return best(unit, criterion, counted_candidates(unit, rounding, fusions, sparse_dropout))
 
 
 def anonymous(unit: SiteGroup) -> SiteGroup:
@@ -128,6 +132,7 @@ class Chooser:
         budgeted: bool = False,
         rounding: Rounding = Rounding.NEAREST,
         fusions: bool = True,
+        sparse_dropout: bool = True,
     ) -> None:
         if criterion not in CRITERIA:
             raise ValueError(f"unknown criterion {criterion!r}; choose one of {tuple(CRITERIA)}")
@@ -137,6 +142,7 @@ class Chooser:
         self.budgeted = budgeted
         self.rounding = rounding
         self.fusions = fusions
+        self.sparse_dropout = sparse_dropout  # plans may draw their own dropped positions
         self._caches: dict[str, MeasurementCache] = {}
         self._timed: dict[str, dict[str, float]] = {}  # signature → plan → seconds, this process
         self._chosen: dict[SiteGroup, Decision] = {}  # by anonymous unit: N probes repeat
@@ -153,7 +159,7 @@ class Chooser:
         shape, then evaluated at the unit's N (probing a symbolic N asks for many)."""
         key = anonymous(unit.with_n(0))
         if key not in self._affine:
-            plans = plans_for(unit, self.rounding, self.fusions)
+            plans = plans_for(unit, self.rounding, self.fusions, self.sparse_dropout)
             self._affine[key] = [
                 (plan, cost_of(plan, unit.with_n(0)), cost_of(plan, unit.with_n(1)))
                 for plan in plans
@@ -172,7 +178,7 @@ class Chooser:
         model = device_model(torch.device(site.device), site.matmul_dtype, self.cache(site.device))
         if self.criterion == "roofline":
             return tuple(
-                replace(c, seconds=predicted_seconds(program_for(c.plan, unit), unit, model))
+                replace(c, seconds=plan_seconds(c.plan, unit, model))
                 for c in counted
             )
         # timed on warm operands, where a GEMM call is cheaper than inside a step: add the

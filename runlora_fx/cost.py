@@ -4,20 +4,24 @@ FLOPs count matmuls only, 2·m·k·n each, exactly as `torch.utils.flop_counter`
 count every step's operands and result once, each at its own dtype's size (m·k + k·n + m·n
 elements for a matmul; views — slices, transposes — move nothing); saved bytes are the
 activations the backward reads from the forward (weights excluded); `gemms` counts the matmul
-calls, which on a CPU cost more than their FLOPs say (DESIGN.md §6).
+calls, which on a CPU cost more than their FLOPs say (DESIGN.md §6); `draws` counts random
+numbers drawn. A plan that reads the graph's own dropout pays for it here too (a dense mask
+drawn, applied forward and backward, and kept), since its program only receives D(x).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 
 from runlora_fx import operands as ops
-from runlora_fx.plans import Plan
+from runlora_fx.dropout import expected_count
+from runlora_fx.plans import Dropout, Plan
 from runlora_fx.program import Program, metas_of, program_for
 from runlora_fx.steps import Meta, Step, infer, mm_dims
-from runlora_fx.site import LoraSite, SiteGroup
+from runlora_fx.site import LoraSite, SiteGroup, as_group
 
 VIEWS = ("slice", "t")
+SPARSE = ("s_times_at", "lt_times_s", "zero_at", "minus_dots_at")
 
 
 @dataclass(frozen=True)
@@ -26,21 +30,15 @@ class Cost:
     bytes_moved: int
     saved_bytes: int
     gemms: int = 0
+    draws: int = 0
 
     def at(self, n: int, at_one: Cost) -> Cost:
         """The cost at N = n, `self` being the cost at N = 0 and `at_one` at N = 1: every count
-        is affine in N (one side of each product is N or fixed)."""
-        return Cost(*(a + n * (b - a) for a, b in zip(
-            (self.flops, self.bytes_moved, self.saved_bytes, self.gemms),
-            (at_one.flops, at_one.bytes_moved, at_one.saved_bytes, at_one.gemms))))
+        is affine in N (one side of each product is N or fixed; dropped positions are p·N·d)."""
+        return Cost(*(a + n * (b - a) for a, b in zip(astuple(self), astuple(at_one))))
 
     def __add__(self, other: Cost) -> Cost:
-        return Cost(
-            self.flops + other.flops,
-            self.bytes_moved + other.bytes_moved,
-            self.saved_bytes + other.saved_bytes,
-            self.gemms + other.gemms,
-        )
+        return Cost(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
 
 @dataclass(frozen=True)
@@ -48,6 +46,7 @@ class StepCost:
     step: Step
     flops: int
     bytes_moved: int
+    draws: int = 0
 
 
 def _nbytes(meta: Meta) -> int:
@@ -58,23 +57,67 @@ def _nbytes(meta: Meta) -> int:
     return total
 
 
+def _sparse_bytes(step: Step, metas: dict[str, Meta]) -> int:
+    """Bytes a sparse-dropout step moves: per dropped position its index, what it gathers and
+    what it adds; a product with S also zeroes and writes its N×r or k×d result, while a dense
+    result is updated in place (its producer, a GEMM, has no other reader)."""
+    (count,), _ = metas[step.args[1]]
+    first, *rest = (metas[a] for a in step.args if a != step.args[1])
+    elt = first[1].itemsize
+    out = metas[step.out][1].itemsize
+    if step.op == "s_times_at":  # (x, P, A): x[i, j], A[:, j] → N×r
+        r = rest[0][0][0]
+        return count * (4 + elt + r * (rest[0][1].itemsize + out)) + 2 * _nbytes(metas[step.out])
+    if step.op == "lt_times_s":  # (L, P, x): L[i, :], x[i, j] → k×d
+        k = first[0][1]
+        return count * (4 + k * (elt + out) + rest[0][1].itemsize) + 2 * _nbytes(metas[step.out])
+    if step.op == "zero_at":
+        return count * (4 + elt)
+    (_, left_dtype), (a_shape, a_dtype) = rest  # minus_dots_at (dense, P, L, A)
+    return count * (4 + elt + a_shape[0] * (left_dtype.itemsize + a_dtype.itemsize))
+
+
 def step_costs(program: Program, unit: LoraSite | SiteGroup) -> list[StepCost]:
-    """Every step of forward then backward with its FLOPs and bytes, in program order."""
-    metas = dict(ops.shapes_and_dtypes(unit))
+    """Every step of forward then backward with its FLOPs, bytes and draws, in program order."""
+    metas = dict(ops.shapes_and_dtypes(unit, program.graph_dropout))
     costs: list[StepCost] = []
     for step in (*program.forward, *program.backward):
         metas[step.out] = infer(step, metas)
+        flops, draws = 0, 0
         if step.op == "mm":
             m, k, n = mm_dims(step, metas)
             elt = metas[step.out][1].itemsize
             flops, moved = 2 * m * k * n, (m * k + k * n + m * n) * elt
         elif step.op in VIEWS:
-            flops, moved = 0, 0
+            moved = 0
+        elif step.op == "seed":
+            moved, draws = 8, 1
+        elif step.op == "positions":  # per drawn gap an exponential (f64), a gap and a position
+            (source, _), p = metas[step.args[1]], step.p
+            count = expected_count(source[0] * source[1], p)
+            moved, draws = count * 24 + _nbytes(metas[step.out]), count
+        elif step.op in SPARSE:
+            moved = _sparse_bytes(step, metas)
         else:
-            flops = 0
             moved = sum(_nbytes(metas[a]) for a in step.args) + _nbytes(metas[step.out])
-        costs.append(StepCost(step, flops, moved))
+        costs.append(StepCost(step, flops, moved, draws))
     return costs
+
+
+def graph_dropout_cost(plan: Plan, unit: LoraSite | SiteGroup) -> Cost:
+    """What the graph's own dropouts cost a plan that reads them: per branch an N×d mask drawn
+    and kept (1 byte an element), x read and D(x) written, and in the backward the grad read,
+    the mask read and the grad written again."""
+    if plan.dropout is not Dropout.GRAPH:
+        return Cost(0, 0, 0)
+    total = Cost(0, 0, 0)
+    for site in as_group(unit).members:
+        for adapter in site.adapters:
+            if adapter.reads_base_input:
+                continue
+            numel, elt = site.n * site.d_in, site.lora_dtype.itemsize
+            total += Cost(0, 2 * numel * (2 * elt + 1), numel, draws=numel)
+    return total
 
 
 def saved_bytes(program: Program, unit: LoraSite | SiteGroup) -> int:
@@ -91,4 +134,5 @@ def cost_of(plan: Plan, unit: LoraSite | SiteGroup) -> Cost:
         bytes_moved=sum(s.bytes_moved for s in steps),
         saved_bytes=saved_bytes(program, unit),
         gemms=sum(s.step.op == "mm" for s in steps),
-    )
+        draws=sum(s.draws for s in steps),
+    ) + graph_dropout_cost(plan, unit)

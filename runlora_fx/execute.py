@@ -4,13 +4,15 @@ backward, into plain aten ops for Inductor (DESIGN.md §2)."""
 from __future__ import annotations
 
 import functools
+import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch.fx.traceback import annotate
 
+from runlora_fx import dropout
 from runlora_fx import operands as ops
 from runlora_fx.plans import Plan
 from runlora_fx.precision import round_to
@@ -22,18 +24,40 @@ from runlora_fx.site import LoraSite, SiteGroup, as_group
 RECOMPUTE_ANNOTATION = "runlora_recompute"
 
 Scale = float | torch.SymFloat
+Placement = tuple[torch.Size, torch.device]  # an operand's shape and device
 ACTIVATIONS = (ops.Role.X, ops.Role.LORA_INPUT, ops.Role.BASE_RESULT)  # N×… : flattened to 2-D
 
 
-def _apply(step: Step, env: dict[str, torch.Tensor], scales: Sequence[Scale]) -> torch.Tensor:
+def _apply(step: Step, env: dict[str, torch.Tensor], scales: Sequence[Scale],
+           operands: Mapping[str, Placement]) -> torch.Tensor:
+    if step.op == "positions":  # reads its operand's shape and device only
+        shape, device = operands[step.args[1]]
+        numel = math.prod(shape)
+        return dropout.dropped_positions(env[step.args[0]], numel, step.p,
+                                         dropout.capacity(numel, step.p), device)
     args = [env[name] for name in step.args]
     if step.op == "mm":
         a, b = (t.t() if flip else t for t, flip in zip(args, step.transpose))
         return torch.mm(a, b)
     if step.op == "scale":
-        return args[0] * scales[step.scale]
+        scaled = args[0] * scales[step.scale] if step.scale >= 0 else args[0]
+        return scaled * step.factor if step.factor != 1.0 else scaled
     if step.op == "add":
         return functools.reduce(operator.add, args)
+    if step.op == "sub":
+        return args[0] - args[1]
+    if step.op == "seed":
+        return dropout.draw_seed()
+    if step.op == "s_times_at":
+        return dropout.s_times_at(*args)
+    if step.op == "lt_times_s":
+        return dropout.lt_times_s(*args)
+    if step.op == "zero_at":  # in place: the program hands it a fresh product no one reads
+        dropout.zero_at_(*args)
+        return args[0]
+    if step.op == "minus_dots_at":
+        dropout.minus_dots_at_(*args, step.factor)
+        return args[0]
     if step.op == "colsum":
         return args[0].sum(0)
     if step.op == "cast":
@@ -53,14 +77,15 @@ def _apply(step: Step, env: dict[str, torch.Tensor], scales: Sequence[Scale]) ->
 
 
 def run_steps(
-    steps: Sequence[Step], env: dict[str, torch.Tensor], scales: Sequence[Scale], tag: str
+    steps: Sequence[Step], env: dict[str, torch.Tensor], scales: Sequence[Scale], tag: str,
+    operands: Mapping[str, Placement],
 ) -> None:
     for step in steps:
         if step.recompute:
             with annotate({RECOMPUTE_ANNOTATION: tag}):
-                env[step.out] = _apply(step, env, scales)
+                env[step.out] = _apply(step, env, scales, operands)
         else:
-            env[step.out] = _apply(step, env, scales)
+            env[step.out] = _apply(step, env, scales, operands)
 
 
 class PlannedFunction(torch.autograd.Function):
@@ -76,8 +101,10 @@ class PlannedFunction(torch.autograd.Function):
         *tensors: torch.Tensor,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         env = dict(zip(names, tensors))
-        run_steps(program.forward, env, scales, tag)
+        operands = {name: (t.shape, t.device) for name, t in env.items()}
+        run_steps(program.forward, env, scales, tag, operands)
         ctx.program, ctx.scales, ctx.names, ctx.tag = program, scales, names, tag
+        ctx.operands = operands
         ctx.save_for_backward(*(env[name] for name in program.saved))
         outputs = tuple(env[name] for name in program.outputs)
         return outputs[0] if len(outputs) == 1 else outputs
@@ -87,7 +114,7 @@ class PlannedFunction(torch.autograd.Function):
         program: Program = ctx.program
         env = dict(zip(program.saved, ctx.saved_tensors))
         env.update(zip(program.tangents, dys))
-        run_steps(program.backward, env, ctx.scales, ctx.tag)
+        run_steps(program.backward, env, ctx.scales, ctx.tag, ctx.operands)
         grad_of = dict(program.grads)
         grads = tuple(env[grad_of[name]] if name in grad_of else None for name in ctx.names)
         return (None, None, None, None, *grads)
@@ -103,7 +130,7 @@ class PlannedLora:
         self.unit = as_group(unit)
         self.plan = plan
         self.program = program_for(plan, self.unit)
-        self.operands = ops.operands(self.unit)
+        self.operands = ops.operands(self.unit, self.program.graph_dropout)
 
     def __call__(
         self, tensors: Sequence[torch.Tensor], scales: Sequence[Scale]

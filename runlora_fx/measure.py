@@ -2,7 +2,9 @@
 
 A site is timed through the same `autograd.Function` the rewritten graph calls, on random
 tensors of the site's shapes, outside torch.compile: the matmuls dominate and are the same
-kernels Inductor calls (extern mm), while the elementwise steps it would fuse are cheap.
+kernels Inductor calls (extern mm), while the elementwise steps it would fuse are cheap. A plan
+that reads the graph's dropout is timed with that dropout (mask drawn, applied, and its
+backward), since a plan drawing its own dropped positions pays for those.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ def unit_signature(unit: LoraSite | SiteGroup) -> dict[str, Any]:
         "result_dtype": [str(s.result_dtype) for s in members],
         "compute_dtype": [str(site.base_dtype), str(site.lora_dtype)],
         "layout": [s.weight_layout.name for s in members],
+        "dropout_p": [a.dropout_p for s in members for a in s.adapters],
     }
     return signature
 
@@ -49,16 +52,27 @@ def unit_signature(unit: LoraSite | SiteGroup) -> dict[str, Any]:
 def unit_inputs(
     unit: LoraSite | SiteGroup, device: torch.device
 ) -> tuple[tuple[str, ...], list[torch.Tensor], tuple[float, ...]]:
-    """Names, random tensors (leaves, requiring grad as at the unit) and scales for a unit."""
+    """Names, random tensors (leaves, requiring grad as at the unit) and scales for a unit:
+    every operand but the graph dropouts' D(x), which a timed step draws (`_graph_dropouts`)."""
     gen = torch.Generator(device=device).manual_seed(0)
     members = as_group(unit).members
     tensors = []
-    for op in ops.operands(unit):
+    leaves = ops.operands(unit, graph_dropout=False)
+    for op in leaves:
         fan_in = op.shape[-1] if op.role in (ops.Role.WEIGHT, ops.Role.LORA_A, ops.Role.LORA_B) else 1
         t = torch.randn(*op.shape, generator=gen, device=device, dtype=torch.float32)
         tensors.append((t * fan_in**-0.5).to(op.dtype).requires_grad_(op.requires_grad))
     scales = tuple(a.scale if a.scale is not None else 1.0 for s in members for a in s.adapters)
-    return tuple(op.name for op in ops.operands(unit)), tensors, scales
+    return tuple(op.name for op in leaves), tensors, scales
+
+
+def _graph_dropouts(unit: SiteGroup, env: dict[str, torch.Tensor]) -> None:
+    """D(x) of each dropout branch, as the graph's own dropout makes it, into `env`."""
+    for op in ops.operands(unit):
+        if op.role is ops.Role.LORA_INPUT:
+            assert op.adapter is not None
+            p = unit.members[op.member].adapters[op.adapter].dropout_p
+            env[op.name] = torch.nn.functional.dropout(env[ops.X].to(op.dtype), p, True)
 
 
 def synchronize(device: torch.device) -> None:
@@ -80,8 +94,10 @@ def time_plans(
     Each session draws fresh input tensors: where they land in memory moves some plans' times
     by tens of percent on a CPU (measured: per-plan ratios 0.56–1.08 between two sessions), so
     one session's ranking is one draw of that; the median over sessions is the plan's time."""
-    per_session = [_session(as_group(unit), plans, device, budget_s, min_rounds)
-                   for _ in range(sessions)]
+    # the dropouts and seeds a timed step draws must not move the caller's random stream
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        per_session = [_session(as_group(unit), plans, device, budget_s, min_rounds)
+                       for _ in range(sessions)]
     return {plan: statistics.median(s[plan] for s in per_session) for plan in plans}
 
 
@@ -96,11 +112,17 @@ def _session(
     dys = [torch.randn(s.n, s.d_out, generator=gen, device=device).to(s.result_dtype)
            for s in unit.members]
     programs = {plan: program_for(plan, unit) for plan in plans}
+    reads = {plan: tuple(op.name for op in ops.operands(unit, programs[plan].graph_dropout))
+             for plan in plans}
 
     def step(plan: Plan) -> float:
         synchronize(device)
         start = time.perf_counter()
-        out = PlannedFunction.apply(programs[plan], "timing", scales, names, *tensors)
+        env = dict(zip(names, tensors))
+        if programs[plan].graph_dropout:
+            _graph_dropouts(unit, env)
+        out = PlannedFunction.apply(programs[plan], "timing", scales, reads[plan],
+                                    *(env[name] for name in reads[plan]))
         if wants_grad:
             torch.autograd.grad(out, wants_grad, dys if isinstance(out, tuple) else dys[0])
         synchronize(device)

@@ -2,7 +2,8 @@
 
 A unit is a group of sites reading the same x (a single site is a group of one). Its operands
 are x, and per member m: W (absent for an opaque base, whose result `base` comes in instead),
-b, and per adapter k: D(x) (only for a dropout branch), A and B. Programs, costs, the executor,
+b, and per adapter k: D(x) (only for a dropout branch whose plan reads the graph's dropout),
+A and B. Programs, costs, the executor,
 the timer, the memory budget and the rewriter all read these records and nothing else, so a
 name means the same tensor everywhere.
 """
@@ -83,16 +84,17 @@ def tangent(m: int) -> str:
     return f"dy{m}"
 
 
-def lora_input(site: LoraSite, m: int, k: int) -> str:
-    """What adapter k of member m reads: x itself, or its own D(x)."""
-    return X if site.adapters[k].reads_base_input else dropped(m, k)
+def lora_input(site: LoraSite, m: int, k: int, graph_dropout: bool = True) -> str:
+    """What adapter k of member m's products read: x itself, or the graph's D(x) (a plan with
+    sparse dropout reads x and corrects at the dropped positions)."""
+    return dropped(m, k) if graph_dropout and not site.adapters[k].reads_base_input else X
 
 
 # ---- the operands ------------------------------------------------------------------------------
 
 
-def site_operands(site: LoraSite, m: int = 0) -> list[Operand]:
-    """Member m's own operands (not x), in call order."""
+def site_operands(site: LoraSite, m: int = 0, graph_dropout: bool = True) -> list[Operand]:
+    """Member m's own operands (not x), in call order; D(x) only from the graph's dropout."""
     found: list[Operand] = []
     if site.base is Base.OPAQUE:
         found.append(Operand(base_result(m), Role.BASE_RESULT, (site.n, site.d_out),
@@ -106,7 +108,7 @@ def site_operands(site: LoraSite, m: int = 0) -> list[Operand]:
             found.append(Operand(bias(m), Role.BIAS, (site.d_out,), site.w_dtype,
                                  site.bias_requires_grad, m))
     for k, a in enumerate(site.adapters):
-        if not a.reads_base_input:
+        if graph_dropout and not a.reads_base_input:
             found.append(Operand(dropped(m, k), Role.LORA_INPUT, (site.n, site.d_in),
                                  site.lora_dtype, site.x_requires_grad, m, k))
     for k, a in enumerate(site.adapters):
@@ -117,21 +119,24 @@ def site_operands(site: LoraSite, m: int = 0) -> list[Operand]:
     return found
 
 
-def operands(unit: LoraSite | SiteGroup) -> tuple[Operand, ...]:
-    """x, then each member's operands: the order the planned call takes its tensors in."""
+def operands(unit: LoraSite | SiteGroup, graph_dropout: bool = True) -> tuple[Operand, ...]:
+    """x, then each member's operands: the order the planned call takes its tensors in.
+    `graph_dropout`: whether the plan reads its dropout branches' D(x) from the graph."""
     group = as_group(unit)
     first = group.members[0]
     x = Operand(X, Role.X, (first.n, first.d_in), first.dtype, first.x_requires_grad)
     found = [x]
     for m, site in enumerate(group.members):
-        found += site_operands(site, m)
+        found += site_operands(site, m, graph_dropout)
     return tuple(found)
 
 
-def shapes_and_dtypes(unit: LoraSite | SiteGroup) -> dict[str, tuple[Shape, torch.dtype]]:
+def shapes_and_dtypes(
+    unit: LoraSite | SiteGroup, graph_dropout: bool = True
+) -> dict[str, tuple[Shape, torch.dtype]]:
     """Every operand and every tangent (dy per member), by name."""
     group = as_group(unit)
-    found = {op.name: (op.shape, op.dtype) for op in operands(group)}
+    found = {op.name: (op.shape, op.dtype) for op in operands(group, graph_dropout)}
     for m, site in enumerate(group.members):
         found[tangent(m)] = ((site.n, site.d_out), site.result_dtype)
     return found

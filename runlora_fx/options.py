@@ -12,6 +12,7 @@ from runlora_fx.choose import CRITERIA
 from runlora_fx.precision import Rounding
 
 INNER_COMPILERS = ("inductor", "eager")
+DROPOUT_MODES = ("auto", "sparse", "graph")
 STRICT_ENV = "RUNLORA_STRICT"
 
 
@@ -25,11 +26,20 @@ class Options:
     memory_budget: int | float | None = None
     merge_rounding: str = "nearest"  # how a merged 16-bit W_eff is rounded: or "stochastic"
     fusions: bool = True  # plans that share a GEMM (x·[W;A]ᵀ, q/k/v groups) are candidates
+    # where a LoRA dropout's D(x) comes from: "sparse" (plans draw the dropped positions),
+    # "graph" (the graph's own dropout), "auto" (sparse unless Inductor's fallback_random)
+    dropout: str = "auto"
     strict: bool | None = None  # raise instead of falling back; None: $RUNLORA_STRICT == "1"
 
     @property
     def rounding(self) -> Rounding:
         return Rounding(self.merge_rounding)
+
+    def sparse_dropout(self, fallback_random: bool) -> bool:
+        """Whether plans may draw their own dropped positions. Under "auto" not when
+        `torch._inductor.config.fallback_random` asks compiled random ops to match eager's:
+        only the graph's own dropout draws eager's masks."""
+        return self.dropout == "sparse" or (self.dropout == "auto" and not fallback_random)
 
 
 def _check_choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
@@ -68,6 +78,7 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
     _check_choice("criterion", parsed.criterion, tuple(CRITERIA))
     _check_choice("inner", parsed.inner, INNER_COMPILERS)
     _check_choice("merge_rounding", parsed.merge_rounding, tuple(r.value for r in Rounding))
+    _check_choice("dropout", parsed.dropout, DROPOUT_MODES)
     _check_budget(parsed.memory_budget)
     return parsed
 

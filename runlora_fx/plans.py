@@ -43,6 +43,18 @@ class Hidden(enum.Enum):
     RECOMPUTE = "recompute h"
 
 
+class Dropout(enum.Enum):
+    """Where a dropout branch's D(x) comes from (dropout.py)."""
+
+    GRAPH = "graph's dropout"  # the graph's own op: a dense N×d mask drawn, applied and kept
+    SPARSE = "sparse dropout, positions kept"  # D(x) = (x − S)/q; the p·N·d positions kept
+    SPARSE_REDRAWN = "sparse dropout, positions redrawn"  # only a seed kept; backward redraws
+
+    @property
+    def is_sparse(self) -> bool:
+        return self is not Dropout.GRAPH
+
+
 @dataclass(frozen=True)
 class Plan:
     forward: Forward
@@ -52,6 +64,7 @@ class Plan:
     hidden: Hidden | None  # None: the backward does not read h
     branch: Precision | None = None  # None: the LoRA products run in the base dtype anyway
     rounding: Rounding | None = None  # None: nothing merged, or the base dtype is 32-bit
+    dropout: Dropout | None = None  # None: no branch of the unit has an active dropout
     # GEMMs that share an operand, run as one (every output element is the same dot product):
     fold_x: bool = False  # x·[W; A]ᵀ → a member's base product and its h's
     fold_dy: bool = False  # dy·[W | s·B] → a member's dy·W (or dx) and its dh's
@@ -73,6 +86,8 @@ class Plan:
             parts.append(self.branch.value)
         if self.rounding is not None:
             parts.append(f"W_eff rounded {self.rounding.value}")
+        if self.dropout is not None:
+            parts.append(self.dropout.value)
         for flag, text in FUSIONS:
             if getattr(self, flag):
                 parts.append(text)
@@ -85,6 +100,11 @@ class Plan:
     @property
     def reads_weff_in_backward(self) -> bool:
         return self.input_grad in (InputGrad.MERGED_RECOMPUTE, InputGrad.MERGED_KEEP)
+
+    @property
+    def sparse_dropout(self) -> bool:
+        """Its dropout branches read x, corrected at the dropped positions (dropout.py)."""
+        return self.dropout is not None and self.dropout.is_sparse
 
     @property
     def groups_members(self) -> bool:
@@ -106,14 +126,19 @@ def reference_plan(unit: LoraSite | SiteGroup) -> Plan:
     the dtype the site runs it in."""
     return canonical(
         Plan(Forward.SPLIT, InputGrad.SPLIT, GradA.VIA_DH, GradB.VIA_H, Hidden.SAVE,
-             Precision.SITE),
+             Precision.SITE, dropout=Dropout.GRAPH),
         unit,
     )
 
 
-def _reads_x(site: LoraSite) -> int:
-    """How many of the site's adapters read x itself."""
-    return sum(a.reads_base_input for a in site.adapters)
+def _reads_x(site: LoraSite, sparse_dropout: bool) -> int:
+    """How many of the site's adapters run their products on x itself: those without dropout,
+    and under sparse dropout every one (its correction reads the dropped positions only)."""
+    return sum(a.reads_base_input or sparse_dropout for a in site.adapters)
+
+
+def _has_dropout(members: tuple[LoraSite, ...]) -> bool:
+    return any(not a.reads_base_input for s in members for a in s.adapters)
 
 
 def canonical(plan: Plan, unit: LoraSite | SiteGroup) -> Plan:
@@ -130,13 +155,14 @@ def canonical(plan: Plan, unit: LoraSite | SiteGroup) -> Plan:
         grad_b=plan.grad_b if any_b else None,
         branch=plan.branch if first.lora_dtype != first.base_dtype else None,
         rounding=plan.rounding if plan.merges and first.is_low_precision else None,
+        dropout=plan.dropout if _has_dropout(members) else None,
     )
     if plan.grad_b is not GradB.VIA_H:
         plan = replace(plan, hidden=None)
     h_in_forward = plan.forward is Forward.SPLIT or plan.hidden is Hidden.SAVE
     dh_in_backward = plan.grad_a is GradA.VIA_DH or plan.input_grad is InputGrad.SPLIT
     opaque = any(s.base is Base.OPAQUE for s in members)
-    x_readers = sum(_reads_x(s) for s in members)
+    x_readers = sum(_reads_x(s, plan.sparse_dropout) for s in members)
     return replace(
         plan,
         fold_x=plan.fold_x and h_in_forward and not opaque and x_readers > 0,
@@ -153,10 +179,20 @@ def illegal_reason(plan: Plan, unit: LoraSite | SiteGroup) -> str | None:
     """Why `plan` is not equivalent to the unit's math, or None when it is."""
     members = as_group(unit).members
     site = members[0]
-    if plan.merges and not all(s.can_merge for s in members):
-        if any(s.base is Base.OPAQUE for s in members):
-            return "merging W + sBA needs W as a tensor; this base is a quantized op"
-        return "merging W + sBA needs every LoRA branch to read x itself (dropout is active)"
+    if plan.merges and any(s.base is Base.OPAQUE for s in members):
+        return "merging W + sBA needs W as a tensor; this base is a quantized op"
+    if plan.merges and _has_dropout(members) and not plan.sparse_dropout:
+        return ("merging W + sBA needs every LoRA branch to read x itself: the graph's dropout "
+                "feeds one (sparse dropout reads x)")
+    if _has_dropout(members) and plan.dropout is None:
+        return "a LoRA branch has an active dropout: say where its D(x) comes from"
+    if plan.sparse_dropout:
+        reason = _sparse_reason(members)
+        if reason is not None:
+            return reason
+    elif len(members) > 1 and _has_dropout(members):
+        return ("one call for the group cannot read each member's D(x) from the graph's "
+                "dropout: only sparse dropout lets it replace them")
     if site.x_requires_grad and plan.input_grad is None:
         return "x requires grad but the plan computes no dx"
     if any(a.a_requires_grad for s in members for a in s.adapters) and plan.grad_a is None:
@@ -174,9 +210,24 @@ def illegal_reason(plan: Plan, unit: LoraSite | SiteGroup) -> str | None:
         return (f"one GEMM cannot run the base in {_name(site.base_dtype)} and the LoRA "
                 f"products in {_name(site.lora_dtype)}")
     for s in members:
-        reason = precision_reason(s, plan.merges, plan.rounding, plan.branch)
+        reason = precision_reason(s, plan.merges, plan.rounding, plan.branch,
+                                  sparse_dropout=plan.sparse_dropout)
         if reason is not None:
             return reason
+    return None
+
+
+def _sparse_reason(members: tuple[LoraSite, ...]) -> str | None:
+    """Why the unit's dropout branches cannot draw their own positions, or None."""
+    for s in members:
+        for a in s.adapters:
+            if a.reads_base_input:
+                continue
+            if not a.own_dropout:
+                return ("the branch's dropout result is read elsewhere too: only the graph's "
+                        "mask gives every reader the same D(x)")
+            if a.dropout_p >= 1.0:
+                return "dropout p = 1 drops every element: D(x) is 0, there is no x − S"
     return None
 
 
@@ -184,13 +235,17 @@ def _name(dtype: object) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _choices(unit: SiteGroup, rounding: Rounding, fusions: bool) -> dict[str, list]:
+def _choices(unit: SiteGroup, rounding: Rounding, fusions: bool,
+             sparse_dropout: bool) -> dict[str, list]:
     """The values worth trying per Plan field: a choice the unit makes irrelevant gets one."""
     members = unit.members
     site = members[0]
     flag = [False, True] if fusions else [False]
     linear = all(s.base is Base.LINEAR for s in members)
-    x_readers = sum(_reads_x(s) for s in members)
+    dropouts = [None]
+    if _has_dropout(members):
+        dropouts = [*Dropout] if sparse_dropout else [Dropout.GRAPH]
+    x_readers = sum(_reads_x(s, sparse_dropout) for s in members)
     return {
         "forward": list(Forward) if linear else [Forward.SPLIT],
         "input_grad": [*InputGrad] if site.x_requires_grad else [None],
@@ -199,6 +254,7 @@ def _choices(unit: SiteGroup, rounding: Rounding, fusions: bool) -> dict[str, li
         "hidden": [*Hidden, None],
         "branch": [*Precision] if site.lora_dtype != site.base_dtype else [None],
         "rounding": [rounding] if site.is_low_precision and linear else [None],
+        "dropout": dropouts,
         "fold_x": flag if linear and x_readers else [False],
         "fold_dy": flag if linear else [False],
         "group_h": flag if x_readers > 1 else [False],
@@ -208,13 +264,14 @@ def _choices(unit: SiteGroup, rounding: Rounding, fusions: bool) -> dict[str, li
 
 
 def plans_for(
-    unit: LoraSite | SiteGroup, rounding: Rounding = Rounding.NEAREST, fusions: bool = True
+    unit: LoraSite | SiteGroup, rounding: Rounding = Rounding.NEAREST, fusions: bool = True,
+    sparse_dropout: bool = True,
 ) -> list[Plan]:
     """Every legal, distinct plan for the unit, in a stable order. `rounding` is the one a
     merged 16-bit W_eff uses (option merge_rounding); `fusions=False` leaves out the plans that
-    share GEMMs."""
+    share GEMMs; `sparse_dropout=False` keeps every graph's dropout (option dropout)."""
     group = as_group(unit)
-    choices = _choices(group, rounding, fusions)
+    choices = _choices(group, rounding, fusions, sparse_dropout)
     assert list(choices) == [f.name for f in fields(Plan)], "one list of values per field"
     seen: dict[Plan, None] = {}
     for combo in itertools.product(*choices.values()):

@@ -67,6 +67,11 @@ _NEAREST = ("kept share down to PEFT's − {} with a uniform W (nn.Linear's init
 _STOCHASTIC_OUT = "output error up to {}× PEFT's (bound 1.25×: any unbiased rounding adds " \
     "p(1−p)·ulp² per weight where nearest leaves W as it is)"
 _BRANCH = "dA, dB errors {}× PEFT's: its fp32 branch gets them to ~1e-7, 16 bits to ~1e-3"
+# "sparse-dropout": D(x)·Aᵀ as (x·Aᵀ − S·Aᵀ)/q with the corrections in fp32 (dropout.py),
+# against PEFT's dense mask with the same mask: experiments/dropout_precision_exp.py,
+# results/dropout_precision_cpu (32 points per kind, p 0.05 and 0.1, d 64…1024, r 4…64).
+_SPARSE = ("every point within the rule: output error ≤ {}× PEFT's, kept share ≥ PEFT's − "
+           "0.000, dA, dB ≤ {}× PEFT's")
 RULE: dict[tuple[str, str], Verdict] = {
     ("bf16", "merged-nearest"): Verdict(False, _NEAREST.format("0.151 ± 0.035")),
     ("fp16", "merged-nearest"): Verdict(False, _NEAREST.format("0.162 ± 0.028")),
@@ -81,27 +86,38 @@ RULE: dict[tuple[str, str], Verdict] = {
     ("autocast", "merged-stochastic"): Verdict(True, "output error ≤ 1.183× PEFT's, kept "
                                                      "share within the slack"),
     ("bf16-peft", "branch-base"): Verdict(False, _BRANCH.format("up to 12099")),
+    ("bf16", "sparse-dropout"): Verdict(True, _SPARSE.format(1.000, 1.095)),
+    ("fp16", "sparse-dropout"): Verdict(True, _SPARSE.format(1.001, 1.157)),
+    ("bf16-peft", "sparse-dropout"): Verdict(True, _SPARSE.format(1.000, 1.237)),
+    ("fp16-peft", "sparse-dropout"): Verdict(True, _SPARSE.format(1.000, 1.166)),
+    ("autocast", "sparse-dropout"): Verdict(True, _SPARSE.format(1.000, 1.189)),
     ("fp16-peft", "branch-base"): Verdict(False, _BRANCH.format("up to 49327")),
 }
 
 
-def feature_names(merges: bool, rounding: Rounding | None, branch: Precision | None) -> list[str]:
+def feature_names(merges: bool, rounding: Rounding | None, branch: Precision | None,
+                  sparse_dropout: bool = False) -> list[str]:
     found = []
     if merges and rounding is not None:
         found.append(f"merged-{rounding.value}")
     if branch is Precision.BASE:
         found.append("branch-base")
+    if sparse_dropout:
+        found.append("sparse-dropout")
     return found
 
 
 def precision_reason(
-    site: LoraSite, merges: bool, rounding: Rounding | None, branch: Precision | None
+    site: LoraSite, merges: bool, rounding: Rounding | None, branch: Precision | None,
+    sparse_dropout: bool = False,
 ) -> str | None:
     """Why a plan with these features is not legal at `site` by the measured rule, or None."""
     site_kind = kind(site)
     if site_kind is None:
         return None
-    for feature in feature_names(merges, rounding, branch):
+    if sparse_dropout and all(a.reads_base_input for a in site.adapters):
+        sparse_dropout = False  # this member has no dropout branch: nothing is corrected
+    for feature in feature_names(merges, rounding, branch, sparse_dropout):
         verdict = RULE.get((site_kind, feature))
         if verdict is None:
             return f"{feature} on a {site_kind} site was not measured (precision_exp.py)"

@@ -17,7 +17,9 @@ import torch
 
 from runlora_fx import operands as ops
 from runlora_fx.fusion import fuse
-from runlora_fx.plans import FUSIONS, Forward, GradA, GradB, Hidden, InputGrad, Plan, canonical
+from runlora_fx.plans import (
+    FUSIONS, Dropout, Forward, GradA, GradB, Hidden, InputGrad, Plan, canonical,
+)
 from runlora_fx.precision import Precision
 from runlora_fx.site import Base, LoraSite, SiteGroup, WeightLayout, as_group
 from runlora_fx.steps import Meta, Step, infer
@@ -31,6 +33,7 @@ class Program:
     tangents: tuple[str, ...]  # the incoming grad of each output
     grads: tuple[tuple[str, str], ...]  # (operand name, grad name) pairs the backward returns
     saved: tuple[str, ...]  # forward names the backward reads
+    graph_dropout: bool = True  # its dropout branches' D(x) are operands (the graph's dropout)
 
     @property
     def output(self) -> str:
@@ -39,7 +42,7 @@ class Program:
 
 def metas_of(program: Program, unit: LoraSite | SiteGroup) -> dict[str, Meta]:
     """Shape and dtype of every name the program reads or defines."""
-    metas = dict(ops.shapes_and_dtypes(unit))
+    metas = dict(ops.shapes_and_dtypes(unit, program.graph_dropout))
     for step in (*program.forward, *program.backward):
         metas[step.out] = infer(step, metas)
     return metas
@@ -52,10 +55,15 @@ class _Builder:
     """One phase's steps, each name emitted once, with shapes and dtypes tracked and casts
     inserted where an operand is stored in another dtype than the product reads."""
 
-    def __init__(self, metas: dict[str, Meta]) -> None:
+    def __init__(self, metas: dict[str, Meta], forward: _Builder | None = None) -> None:
         self.metas = metas
         self.steps: list[Step] = []
         self.defined: set[str] = set()
+        self.forward = forward  # the backward's: the forward it reads (it draws no new bits)
+
+    @property
+    def backward(self) -> bool:
+        return self.forward is not None
 
     def emit(self, step: Step) -> str:
         if step.out not in self.defined:  # shared subexpression: computed once
@@ -65,11 +73,17 @@ class _Builder:
         return step.out
 
     def cast(self, name: str, dtype: torch.dtype, recompute: bool = False) -> str:
+        """`name` in `dtype`. Of x and its cast the backward keeps the narrower: it reads the
+        forward's cast down (autocast's bf16 copy of fp32 x), and casts up again itself
+        (PEFT's fp32 copy of bf16 x, whose forward cast is recomputed, not kept)."""
         if self.metas[name][1] == dtype:
             return name
-        return self.emit(
-            Step(f"{name}:{_short(dtype)}", "cast", (name,), dtype=dtype, recompute=recompute)
-        )
+        out = f"{name}:{_short(dtype)}"
+        narrows = dtype.itemsize < self.metas[name][1].itemsize
+        if self.forward is not None and narrows and out in self.forward.defined:
+            return out
+        widens_x = name == ops.X and not narrows and self.forward is None
+        return self.emit(Step(out, "cast", (name,), dtype=dtype, recompute=recompute or widens_x))
 
     def mm(self, out: str, a: str, b: str, transpose: tuple[bool, bool] = (False, False),
            fusion: tuple[str, int] | None = None, recompute: bool = False) -> str:
@@ -96,6 +110,14 @@ class _Member:
         """The dtype its LoRA products run in under `plan`."""
         return self.site.base_dtype if plan.branch is Precision.BASE else self.site.lora_dtype
 
+    def sparse_p(self, plan: Plan, k: int) -> float | None:
+        """Adapter k's dropout p where the plan draws its dropped positions, else None."""
+        p = self.site.adapters[k].dropout_p
+        return p if p > 0.0 and plan.sparse_dropout else None
+
+    def lora_input(self, plan: Plan, k: int) -> str:
+        return ops.lora_input(self.site, self.m, k, graph_dropout=not plan.sparse_dropout)
+
     @property
     def w_transposed(self) -> bool:
         """Whether x·W needs W transposed (F.linear's out×in layout)."""
@@ -118,7 +140,9 @@ def _weff(b: _Builder, plan: Plan, mem: _Member, recompute: bool) -> str:
             ba = b.mm(f"BA{m}.{k}", bb, a, recompute=recompute)
         else:  # Aᵀ·Bᵀ: d_in×d_out
             ba = b.mm(f"BA{m}.{k}", a, bb, (True, True), recompute=recompute)
+        p = mem.sparse_p(plan, k)  # D(x) = (x − S)/q: the dense part is x·(s/q)·BA
         terms.append(b.emit(Step(f"sBA{m}.{k}", "scale", (ba,), scale=mem.scale0 + k,
+                                 factor=1.0 if p is None else 1.0 / (1.0 - p),
                                  recompute=recompute)))
     total = b.emit(Step(f"Wsum{m}", "add", tuple(terms), recompute=recompute))
     if b.metas[total][1] == mem.base:
@@ -127,13 +151,55 @@ def _weff(b: _Builder, plan: Plan, mem: _Member, recompute: bool) -> str:
                        recompute=recompute))
 
 
-def _hidden(b: _Builder, plan: Plan, mem: _Member, k: int, recompute: bool, name: str) -> str:
-    """h_k = D(x) A_kᵀ in the LoRA dtype."""
-    lora = mem.lora(plan)
-    source = ops.lora_input(mem.site, mem.m, k)
-    fusion = ("xA", mem.m) if mem.site.adapters[k].reads_base_input else None
-    return b.mm(name, b.cast(source, lora, recompute), b.cast(ops.lora_a(mem.m, k), lora, recompute),
-                (False, True), fusion, recompute)
+def _positions(b: _Builder, plan: Plan, mem: _Member, k: int) -> str:
+    """Adapter k's dropped positions: drawn from a fresh seed in the forward; the backward reads
+    them, or redraws them from the kept seed (dropout.py)."""
+    m, p = mem.m, mem.sparse_p(plan, k)
+    assert p is not None
+    redrawn = plan.dropout is Dropout.SPARSE_REDRAWN
+    name, seed = f"P{m}.{k}", f"seed{m}.{k}"
+    if b.backward:
+        if redrawn:
+            b.emit(Step(name, "positions", (seed, ops.X), p=p))
+        return name
+    b.emit(Step(seed, "seed", ()))
+    return b.emit(Step(name, "positions", (seed, ops.X), p=p, recompute=redrawn))
+
+
+def _dense_minus_sparse(b: _Builder, dense: str, sparse: str, q: float, name: str,
+                        dtype: torch.dtype, recompute: bool) -> str:
+    """(dense − sparse)/q, rounded once to `dtype`, named `name`."""
+    diff = b.emit(Step(f"{dense}−{sparse}", "sub", (dense, sparse), recompute=recompute))
+    if b.metas[diff][1] == dtype:
+        return b.emit(Step(name, "scale", (diff,), factor=1.0 / q, recompute=recompute))
+    wide = b.emit(Step(f"{name}/q", "scale", (diff,), factor=1.0 / q, recompute=recompute))
+    return b.emit(Step(name, "cast", (wide,), dtype=dtype, recompute=recompute))
+
+
+def _s_times_a(b: _Builder, plan: Plan, mem: _Member, k: int, recompute: bool) -> str:
+    """S·A_kᵀ (N×r) at adapter k's dropped positions, in at least fp32."""
+    lora, m = mem.lora(plan), mem.m
+    source = b.cast(ops.X, lora, recompute)
+    a = b.cast(ops.lora_a(m, k), lora, recompute)
+    return b.emit(Step(f"SA{m}.{k}", "s_times_at", (source, _positions(b, plan, mem, k), a),
+                       recompute=recompute))
+
+
+def _hidden(b: _Builder, plan: Plan, mem: _Member, k: int, recompute: bool, name: str,
+            recompute_correction: bool | None = None) -> str:
+    """h_k = D(x) A_kᵀ in the LoRA dtype; under sparse dropout (x·A_kᵀ − S·A_kᵀ)/q, whose
+    correction is recomputed with h even where the dense GEMM is shared (and so not)."""
+    lora, m = mem.lora(plan), mem.m
+    source = mem.lora_input(plan, k)
+    fusion = ("xA", m) if source == ops.X else None
+    a = b.cast(ops.lora_a(m, k), lora, recompute)
+    p = mem.sparse_p(plan, k)
+    if p is None:
+        return b.mm(name, b.cast(source, lora, recompute), a, (False, True), fusion, recompute)
+    fixed = recompute if recompute_correction is None else recompute_correction
+    dense = b.mm(f"x{name}", b.cast(source, lora, recompute), a, (False, True), fusion, recompute)
+    return _dense_minus_sparse(b, dense, _s_times_a(b, plan, mem, k, fixed), 1.0 - p, name,
+                               lora, fixed)
 
 
 def _member_forward(b: _Builder, plan: Plan, mem: _Member) -> str:
@@ -141,10 +207,22 @@ def _member_forward(b: _Builder, plan: Plan, mem: _Member) -> str:
     bias = (b.cast(ops.bias(m), mem.base),) if site.has_bias else ()
     shares_h = plan.fold_x or plan.group_h  # a fused GEMM is never recomputed: see _backward
     recompute_h = plan.hidden is Hidden.RECOMPUTE and not shares_h
+    recompute_correction = plan.hidden is Hidden.RECOMPUTE  # the backward's twin is not saved
+    lora = mem.lora(plan)
     if plan.forward is Forward.MERGED:
         weff = _weff(b, plan, mem, recompute=plan.input_grad is not InputGrad.MERGED_KEEP)
-        y = b.mm(f"xW{m}", b.cast(ops.X, mem.base), weff, (False, mem.w_transposed), ("xW", m))
-        y = b.emit(Step(f"ysum{m}", "add", (y, *bias))) if bias else y
+        terms = [b.mm(f"xW{m}", b.cast(ops.X, mem.base), weff, (False, mem.w_transposed),
+                      ("xW", m)), *bias]
+        for k in range(len(site.adapters)):
+            p = mem.sparse_p(plan, k)
+            if p is None:
+                continue
+            # x·W_effᵀ holds x·((s/q)·BA)ᵀ: take back (s/q)·(S·Aᵀ)·Bᵀ at the dropped positions
+            sa = b.cast(_s_times_a(b, plan, mem, k, recompute_correction), lora)
+            sab = b.mm(f"SAB{m}.{k}", sa, b.cast(ops.lora_b(m, k), lora), (False, True))
+            terms.append(b.emit(Step(f"sSAB{m}.{k}", "scale", (sab,), scale=mem.scale0 + k,
+                                     factor=-1.0 / (1.0 - p))))
+        y = b.emit(Step(f"ysum{m}", "add", tuple(terms))) if len(terms) > 1 else terms[0]
         if plan.hidden is Hidden.SAVE:
             for k in range(len(site.adapters)):
                 _hidden(b, plan, mem, k, False, f"h{m}.{k}")
@@ -155,9 +233,8 @@ def _member_forward(b: _Builder, plan: Plan, mem: _Member) -> str:
             x = b.cast(ops.X, mem.base)
             w = b.cast(ops.weight(m), mem.base)
             terms = [b.mm(f"xW{m}", x, w, (False, mem.w_transposed), ("xW", m)), *bias]
-        lora = mem.lora(plan)
         for k in range(len(site.adapters)):
-            h = _hidden(b, plan, mem, k, recompute_h, f"h{m}.{k}")
+            h = _hidden(b, plan, mem, k, recompute_h, f"h{m}.{k}", recompute_correction)
             hb = b.mm(f"hB{m}.{k}", h, b.cast(ops.lora_b(m, k), lora), (False, True))
             terms.append(b.emit(Step(f"shB{m}.{k}", "scale", (hb,), scale=mem.scale0 + k)))
         y = b.emit(Step(f"ysum{m}", "add", tuple(terms)))
@@ -183,17 +260,31 @@ def _member_backward(b: _Builder, plan: Plan, mem: _Member) -> list[tuple[str, s
     def dh(k: int) -> str:  # dh_k = s_k · dy B_k
         return b.mm(f"dh{m}.{k}", dy_lora, scaled_b(k), fusion=("dyB", m))
 
+    def times_d(left: str, k: int, name: str, fusion: tuple[str, int] | None,
+                dtype: torch.dtype) -> str:
+        """leftᵀ·D(x) for adapter k (left N×c): one GEMM on the graph's D(x), or under sparse
+        dropout (leftᵀ·x − leftᵀ·S)/q in `dtype`, its GEMM on x shareable by the group."""
+        reads_x = mem.lora_input(plan, k) == ops.X
+        source = b.cast(mem.lora_input(plan, k), lora)
+        p = mem.sparse_p(plan, k)
+        if p is None:
+            return b.mm(name, left, source, (True, False), fusion if reads_x else None)
+        dense = b.mm(f"{name}:x", left, source, (True, False), fusion)
+        s_part = b.emit(Step(f"{name}:S", "lt_times_s", (left, _positions(b, plan, mem, k),
+                                                          source)))
+        return _dense_minus_sparse(b, dense, s_part, 1.0 - p, name, dtype, False)
+
     def gram(k: int) -> str:  # G = dyᵀ D(x): d_out×d_in, shared by adapters reading one input
-        source = b.cast(ops.lora_input(site, m, k), lora)
-        return b.mm(f"G{m}[{source}]", dy_lora, source, (True, False))
+        source = b.cast(mem.lora_input(plan, k), lora)
+        if mem.sparse_p(plan, k) is not None:  # each sparse adapter drops its own positions
+            source = f"P{m}.{k}"
+        return times_d(dy_lora, k, f"G{m}[{source}]", None, lora)
 
     for k, adapter in enumerate(site.adapters):
         a_name, b_name = ops.lora_a(m, k), ops.lora_b(m, k)
         if adapter.a_requires_grad:
             if plan.grad_a is GradA.VIA_DH:
-                source = b.cast(ops.lora_input(site, m, k), lora)
-                fusion = ("dhx", m) if adapter.reads_base_input else None
-                da = b.mm(f"dA{m}.{k}", dh(k), source, (True, False), fusion)
+                da = times_d(dh(k), k, f"dA{m}.{k}", ("dhx", m), site.a_dtype)
             else:
                 bg = b.mm(f"BG{m}.{k}", b.cast(b_name, lora), gram(k), (True, False))
                 da = b.emit(Step(f"dA{m}.{k}", "scale", (bg,), scale=mem.scale0 + k))
@@ -219,14 +310,26 @@ def _member_backward(b: _Builder, plan: Plan, mem: _Member) -> list[tuple[str, s
             grads.append((ops.X, b.cast(dyw, x_dtype)))
         for k, adapter in enumerate(site.adapters):
             dha = b.mm(f"dhA{m}.{k}", dh(k), b.cast(ops.lora_a(m, k), lora))
+            p = mem.sparse_p(plan, k)
             if adapter.reads_base_input:
                 grads.append((ops.X, b.cast(dha, x_dtype)))
+            elif p is not None:  # D'(dh·A) = (dh·A with the dropped positions zeroed)/q
+                kept = b.emit(Step(f"dhA{m}.{k}·m", "zero_at", (dha, _positions(b, plan, mem, k))))
+                dxk = b.emit(Step(f"dhA{m}.{k}·m/q", "scale", (kept,), factor=1.0 / (1.0 - p)))
+                grads.append((ops.X, b.cast(dxk, x_dtype)))
             else:  # the grad of D(x); autograd routes it through the dropout's own backward
                 grads.append((ops.dropped(m, k), b.cast(dha, site.lora_dtype)))
     elif plan.input_grad is not None:
         weff = _weff(b, plan, mem, recompute=False) if (
             plan.input_grad is InputGrad.MERGED_RECOMPUTE) else _weff_name(b, m)
         dx = b.mm(f"dx{m}", dy_base, weff, (False, not mem.w_transposed), ("dyW", m))
+        for k in range(len(site.adapters)):
+            p = mem.sparse_p(plan, k)
+            if p is not None:  # dy·W_eff gave every element (dh·A)/q: a dropped one gets none
+                a = b.cast(ops.lora_a(m, k), lora)
+                dx = b.emit(Step(f"{dx}−C{k}", "minus_dots_at",
+                                 (dx, _positions(b, plan, mem, k), dh(k), a),
+                                 factor=1.0 / (1.0 - p)))
         grads.append((ops.X, b.cast(dx, x_dtype)))
     if site.bias_requires_grad:
         db = b.emit(Step(f"db{m}", "colsum", (dy_base,)))
@@ -256,12 +359,12 @@ def _member_plan(plan: Plan, site: LoraSite) -> Plan:
 
 def program_for(plan: Plan, unit: LoraSite | SiteGroup) -> Program:
     group = as_group(unit)
-    metas = dict(ops.shapes_and_dtypes(group))
+    metas = dict(ops.shapes_and_dtypes(group, not plan.sparse_dropout))
     forward = _Builder(metas)
     outputs = []
     for mem in _members(group):
         outputs.append(_member_forward(forward, _member_plan(plan, mem.site), mem))
-    backward = _Builder(dict(forward.metas))
+    backward = _Builder(dict(forward.metas), forward)
     pairs: list[tuple[str, str]] = []
     for mem in _members(group):
         pairs += _member_backward(backward, _member_plan(plan, mem.site), mem)
@@ -283,6 +386,7 @@ def program_for(plan: Plan, unit: LoraSite | SiteGroup) -> Program:
         tangents=tangents,
         grads=tuple(grads),
         saved=saved,
+        graph_dropout=not plan.sparse_dropout,
     )
 
 
@@ -305,7 +409,9 @@ def _saved(backward: list[Step], tangents: tuple[str, ...]) -> tuple[str, ...]:
     defined = {s.out for s in backward}
     saved: dict[str, None] = {}
     for step in backward:
-        for name in step.args:
+        # a redrawn positions step reads its source's shape only: the tensor is not kept
+        args = step.args[:1] if step.op == "positions" else step.args
+        for name in args:
             if name not in tangents and name not in defined:
                 saved[name] = None
     return tuple(saved)

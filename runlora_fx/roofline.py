@@ -2,7 +2,8 @@
 
     predicted(plan) = Σ over the program's steps (views excluded) of
                       launch + max(FLOPs / peak, bytes moved / bandwidth)
-                    + GEMM calls · gemm_call
+                    + GEMM calls · gemm_call + random draws · draw
+                    (+ the graph's dropouts a plan reads, as cost.graph_dropout_cost counts)
 
 `peak` (FLOP/s of a large matmul in the site's matmul dtype), `bandwidth` (bytes/s of a large
 elementwise add) and `launch` (seconds of a 1-element op: the fixed cost of one more kernel,
@@ -24,9 +25,10 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 
 from runlora_fx.cache import MeasurementCache
-from runlora_fx.cost import VIEWS, step_costs
+from runlora_fx.cost import VIEWS, graph_dropout_cost, step_costs
 from runlora_fx.measure import synchronize
-from runlora_fx.program import Program
+from runlora_fx.plans import Plan
+from runlora_fx.program import Program, program_for
 from runlora_fx.site import LoraSite, SiteGroup
 
 log = logging.getLogger("runlora_fx")
@@ -38,6 +40,7 @@ class DeviceModel:
     bandwidth: float  # bytes/s
     launch: float = 0.0  # seconds per step
     gemm_call: float = 0.0  # seconds a GEMM call costs in a step beyond its roofline time
+    draw: float = 0.0  # seconds per random number drawn
 
     def seconds(self, flops: int, bytes_moved: int, gemm: bool = False) -> float:
         roof = max(flops / self.peak_flops, bytes_moved / self.bandwidth)
@@ -67,10 +70,13 @@ def measure_device(device: torch.device, dtype: torch.dtype) -> DeviceModel:
     add_s = _best_seconds(lambda: torch.add(x, y, out=out), device, reps=5)
     one = torch.ones(1, 1, device=device, dtype=dtype)
     launch_s = min(_best_seconds(lambda: torch.mm(one, one), device, reps=50) for _ in range(3))
+    noise = torch.empty(numel, device=device)
+    rand_s = _best_seconds(lambda: torch.rand(numel, device=device, out=noise), device, reps=3)
     model = DeviceModel(
         peak_flops=2 * size**3 / mm_s,
         bandwidth=3 * numel * x.itemsize / add_s,
         launch=launch_s,
+        draw=rand_s / numel,
     )
     return replace(model, gemm_call=_cold_gemm_call(device, dtype, model))
 
@@ -106,6 +112,14 @@ def predicted_seconds(
     program: Program, unit: LoraSite | SiteGroup, model: DeviceModel
 ) -> float:
     return sum(
-        model.seconds(s.flops, s.bytes_moved, gemm=s.step.op == "mm")
+        model.seconds(s.flops, s.bytes_moved, gemm=s.step.op == "mm") + s.draws * model.draw
         for s in step_costs(program, unit) if s.step.op not in VIEWS
     )
+
+
+def plan_seconds(plan: Plan, unit: LoraSite | SiteGroup, model: DeviceModel) -> float:
+    """A plan's predicted time: its program's and that of the graph dropouts it reads."""
+    dropout = graph_dropout_cost(plan, unit)
+    extra = dropout.bytes_moved / model.bandwidth + dropout.draws * model.draw if (
+        dropout.draws) else 0.0
+    return predicted_seconds(program_for(plan, unit), unit, model) + extra

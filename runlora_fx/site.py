@@ -28,6 +28,8 @@ class Adapter:
     scale: float | None  # None when the scale is a graph value (e.g. PEFT under dynamic=True)
     a_requires_grad: bool
     b_requires_grad: bool
+    # the branch's dropout feeds this branch alone, so a plan may draw its own mask instead
+    own_dropout: bool = True
 
     @property
     def reads_base_input(self) -> bool:
@@ -104,12 +106,6 @@ class LoraSite:
         """The base product runs in 16 bits: plans that round differently need the measured
         precision rule (precision.py)."""
         return self.base_dtype.itemsize < 4
-
-    @property
-    def can_merge(self) -> bool:
-        """`x (W + sBA)ᵀ` equals the split form only when every branch reads x itself and W is
-        a tensor the plan can add to."""
-        return self.base is Base.LINEAR and all(a.reads_base_input for a in self.adapters)
 
     @property
     def needs_lora_grads(self) -> bool:

@@ -9,19 +9,28 @@ from typing import Literal
 
 import torch
 
+from runlora_fx.dropout import modelled_slots, position_dtype, wide_dtype
 from runlora_fx.precision import Rounding
 
-Op = Literal["mm", "scale", "add", "colsum", "cast", "round", "cat", "slice", "t", "copy"]
+Op = Literal["mm", "scale", "add", "sub", "colsum", "cast", "round", "cat", "slice", "t", "copy",
+             "seed", "positions", "s_times_at", "lt_times_s", "zero_at", "minus_dots_at"]
 Shape = tuple[int, ...]
 Meta = tuple[Shape, torch.dtype]
 
 
 @dataclass(frozen=True)
 class Step:
-    """`out = op(args)`. mm: args[0]ᵀ? @ args[1]ᵀ? per `transpose`; scale: args[0]·scales[scale];
-    add: Σ args (broadcasting the bias, promoting dtypes); colsum: Σ over rows; cast / round:
-    to `dtype` (round: by `rounding`); cat: along `dim`; slice: [start, stop) along `dim`;
-    t: the transposed view; copy: a contiguous copy with its own storage."""
+    """`out = op(args)`. mm: args[0]ᵀ? @ args[1]ᵀ? per `transpose`; scale: args[0]·scales[scale]
+    (none when `scale` < 0)·`factor`; add: Σ args (broadcasting the bias, promoting dtypes);
+    sub: args[0] − args[1]; colsum: Σ over rows; cast / round: to `dtype` (round: by
+    `rounding`); cat: along `dim`; slice: [start, stop) along `dim`; t: the transposed view;
+    copy: a contiguous copy with its own storage.
+
+    Sparse dropout (dropout.py), with P the dropped positions of a site's D(x) = (x − S)/q:
+    seed: a seed from torch's generator; positions: P of a Bernoulli(`p`) mask over args[1]'s
+    elements, from seed args[0]; s_times_at: S·Aᵀ of (x, P, A); lt_times_s: Lᵀ·S of (L, P, x);
+    zero_at: args[0] with P zeroed; minus_dots_at: (dense, P, L, A) → dense − `factor`·(L·A)
+    at P."""
 
     out: str
     op: Op
@@ -33,6 +42,8 @@ class Step:
     dim: int = 0
     start: int = 0
     stop: int = 0
+    factor: float = 1.0  # scale: a constant factor (1/q, −s/q) besides the scale value
+    p: float = 0.0  # positions: the dropout probability
     recompute: bool = False  # forward steps the partitioner must recompute, not save
     fusion: tuple[str, int] | None = None  # (GEMM class, member) for `fuse`
 
@@ -52,7 +63,16 @@ def mm_dims(step: Step, metas: dict[str, Meta]) -> tuple[int, int, int]:
 
 def infer(step: Step, metas: dict[str, Meta]) -> Meta:
     """The shape and dtype of a step's result."""
+    if step.op == "seed":
+        return (), torch.int64
     first_shape, first_dtype = metas[step.args[0]]
+    if step.op == "positions":  # the buffer: its slots (bounded as the cost model counts them)
+        n, d = metas[step.args[1]][0]
+        return (modelled_slots(n, d, step.p) + 1,), position_dtype(n * d)
+    if step.op == "s_times_at":  # (x, P, A) → N×r
+        return (first_shape[0], metas[step.args[2]][0][0]), wide_dtype(first_dtype)
+    if step.op == "lt_times_s":  # (L, P, x) → k×d
+        return (first_shape[1], metas[step.args[2]][0][1]), wide_dtype(metas[step.args[2]][1])
     if step.op == "mm":
         m, _, n = mm_dims(step, metas)
         dtypes = {metas[a][1] for a in step.args}
@@ -63,7 +83,7 @@ def infer(step: Step, metas: dict[str, Meta]) -> Meta:
     if step.op in ("cast", "round"):
         assert step.dtype is not None
         return first_shape, step.dtype
-    if step.op == "add":
+    if step.op in ("add", "sub"):
         dtype = first_dtype
         for name in step.args[1:]:
             dtype = torch.promote_types(dtype, metas[name][1])
@@ -79,4 +99,4 @@ def infer(step: Step, metas: dict[str, Meta]) -> Meta:
         return tuple(shape), first_dtype
     if step.op == "t":
         return first_shape[::-1], first_dtype
-    return first_shape, first_dtype  # scale
+    return first_shape, first_dtype  # scale, zero_at, minus_dots_at

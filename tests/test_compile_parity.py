@@ -79,13 +79,21 @@ def test_parity_with_eager_peft(case, x_grad, exact_dropout):
     assert all(len(d.site.adapters) == adapters for d in report.decisions)
 
 
-def test_dropout_sites_stay_split_and_merge_otherwise():
-    for dropout in (0.0, 0.2):
-        backend = runlora_fx.Backend({"inner": "eager"})
+def test_dropout_sites_merge_only_with_sparse_dropout():
+    """With the graph's dropout the branch reads D(x), so nothing merges; a plan that draws
+    its own positions reads x and corrects at them, so merging is open to it."""
+    for dropout, mode in ((0.0, "auto"), (0.2, "graph"), (0.2, "sparse")):
+        backend = runlora_fx.Backend({"inner": "eager", "dropout": mode})
         model = torch.compile(peft_two_linears(dropout=dropout), backend=backend)
         step(model, torch.randn(4, 16, 16, requires_grad=True))
-        forwards = {d.chosen.plan.forward.value for d in backend.reports[0].decisions}
-        assert forwards == ({"split"} if dropout else {"merged"})
+        plans = [d.chosen.plan for d in backend.reports[0].decisions]
+        if mode == "graph":
+            assert {p.forward.value for p in plans} == {"split"} and not any(
+                p.merges for p in plans)
+        elif dropout:
+            assert all(p.sparse_dropout for p in plans)
+        else:
+            assert {p.forward.value for p in plans} == {"merged"}
 
 
 def test_eval_mode_sites_may_merge():

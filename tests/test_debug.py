@@ -118,7 +118,8 @@ def test_sites_json_records_every_site_with_shapes_and_candidates(llama):
         assert (site["n"], site["n_symbolic"]) == (N, None)
         assert (site["d_in"], site["d_out"]) == (d_in, d_out)
         assert site["adapters"] == [{"r": R, "dropout_p": 0.0, "scale": 2.0,
-                                     "a_requires_grad": True, "b_requires_grad": True}]
+                                     "a_requires_grad": True, "b_requires_grad": True,
+                                     "own_dropout": True}]
         assert site["dtype"] == "float32" and site["training"] and not site["has_bias"]
         assert len(site["candidates"]) >= 2
         for candidate in site["candidates"]:

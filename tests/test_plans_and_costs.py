@@ -10,8 +10,11 @@ from runlora_fx.choose import choose
 from runlora_fx.cost import cost_of
 from runlora_fx import operands as ops
 from runlora_fx.execute import PlannedLora
-from runlora_fx.plans import Forward, GradB, Hidden, InputGrad, plans_for, reference_plan
+from runlora_fx.plans import (
+    Dropout, Forward, GradB, Hidden, InputGrad, plans_for, reference_plan,
+)
 from runlora_fx.site import Adapter, LoraSite
+from replay import keep_mask, replayed_positions
 
 
 def make_site(
@@ -62,19 +65,34 @@ def reference(site, x, w, b, a, bb, masks):
     return y
 
 
-def operand_tensors(site, x, w, b, a, bb, masks):
+def operand_tensors(planned, site, x, w, b, a, bb, masks):
     """The site's tensors in the order its planned call takes them (operands.py)."""
     by_name = {ops.X: x, ops.weight(0): w, ops.bias(0): b}
     for k, ad in enumerate(site.adapters):
         by_name[ops.dropped(0, k)] = x * masks[k] if ad.dropout_p > 0 else None
         by_name[ops.lora_a(0, k)], by_name[ops.lora_b(0, k)] = a[k], bb[k]
-    return [by_name[op.name] for op in ops.operands(site)]
+    return [by_name[op.name] for op in planned.operands]
+
+
+SEED = 1234  # what a sparse-dropout plan's seeds are drawn under
+
+
+def masks_of(site, planned, masks):
+    """The masks the plan applies: the given ones, or those its sparse dropout draws."""
+    if planned.program.graph_dropout:
+        return masks
+    drawn = replayed_positions(planned.program, SEED, site.n * site.d_in)
+    shape = (2, site.n // 2, site.d_in)
+    return [keep_mask(drawn[f"P0.{k}"], shape, ad.dropout_p, site.dtype)
+            if ad.dropout_p > 0 else m for k, (ad, m) in enumerate(zip(site.adapters, masks))]
 
 
 def run_plan(site, plan, x, w, b, a, bb, masks):
+    """The plan's output and the masks it applied."""
     planned = PlannedLora("test_site", site, plan)
-    tensors = operand_tensors(site, x, w, b, a, bb, masks)
-    return planned(tensors, [ad.scale for ad in site.adapters])
+    tensors = operand_tensors(planned, site, x, w, b, a, bb, masks)
+    torch.manual_seed(SEED)
+    return planned(tensors, [ad.scale for ad in site.adapters]), masks_of(site, planned, masks)
 
 
 def leaves(x, b, a, bb):
@@ -89,11 +107,11 @@ def test_every_plan_matches_the_reference_math(name):
     inputs = tensors_for(site)
     x, w, b, a, bb, masks = inputs
     dy = torch.randn(*x.shape[:-1], site.d_out, dtype=site.dtype)
-    expected_y = reference(site, *inputs)
-    expected = torch.autograd.grad(expected_y, leaves(x, b, a, bb), dy)
     for plan in plans:
-        y = run_plan(site, plan, *inputs)
+        y, applied = run_plan(site, plan, *inputs)
         got = torch.autograd.grad(y, leaves(x, b, a, bb), dy)
+        expected_y = reference(site, x, w, b, a, bb, applied)
+        expected = torch.autograd.grad(expected_y, leaves(x, b, a, bb), dy)
         torch.testing.assert_close(y, expected_y, rtol=1e-10, atol=1e-10, msg=plan.describe())
         for g, e in zip(got, expected):
             torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10, msg=plan.describe())
@@ -106,9 +124,9 @@ def test_counted_flops_equal_flop_counter(name):
     x, w, b, a, bb, masks = inputs
     dy = torch.randn(*x.shape[:-1], site.d_out, dtype=site.dtype)
     for plan in plans_for(site):
-        y = run_plan(site, plan, *inputs)  # outside the counter: the masks' mul is not the plan's
+        run_plan(site, plan, *inputs)  # outside the counter: the masks' mul is not the plan's
         with FlopCounterMode(display=False) as counter:
-            y = run_plan(site, plan, *inputs)
+            y, _ = run_plan(site, plan, *inputs)
             torch.autograd.grad(y, leaves(x, b, a, bb), dy)
         assert counter.get_total_flops() == cost_of(plan, site).flops, plan.describe()
 
@@ -123,10 +141,15 @@ def test_hand_computed_costs_of_the_reference_plan():
     assert cost.saved_bytes == (n * d_in + n * r) * 8  # x and h, float64
 
 
-def test_merging_is_never_offered_under_dropout():
-    for plan in plans_for(SITES["dropout"]):
-        assert plan.forward is Forward.SPLIT
-        assert plan.input_grad is InputGrad.SPLIT
+def test_merging_is_never_offered_with_the_graphs_dropout():
+    plans = plans_for(SITES["dropout"])
+    assert any(p.merges for p in plans)  # sparse dropout reads x: W + (s/q)·BA, corrected
+    for plan in plans:
+        if not plan.sparse_dropout:
+            assert plan.forward is Forward.SPLIT
+            assert plan.input_grad is InputGrad.SPLIT
+    for plan in plans_for(SITES["dropout"], sparse_dropout=False):
+        assert plan.dropout is Dropout.GRAPH and not plan.merges
 
 
 def test_plans_only_compute_required_grads():

@@ -57,7 +57,8 @@ def corners():
     return verdicts(CORNERS, list(exp.KINDS))
 
 
-@pytest.mark.parametrize("entry", sorted(RULE), ids=lambda e: f"{e[0]}-{e[1]}")
+@pytest.mark.parametrize("entry", sorted(e for e in RULE if e[1] in FEATURES),
+                         ids=lambda e: f"{e[0]}-{e[1]}")
 def test_the_rule_holds_at_the_grid_corners(corners, entry):
     rows = corners[entry]
     assert len(rows) == len(CORNERS)
@@ -65,6 +66,19 @@ def test_the_rule_holds_at_the_grid_corners(corners, entry):
         assert all(meets(r) for r in rows), [(r["d"], r["r"], r["rel"], r["fails"]) for r in rows]
     else:
         assert not all(meets(r) for r in rows)
+
+
+def test_sparse_dropout_meets_the_rule_where_it_is_legal():
+    """RULE's sparse-dropout rows (experiments/dropout_precision_exp.py) at the corners: the
+    program with sparse dropout against PEFT's dense path with the same mask."""
+    dropout_exp = load_script(EXPERIMENTS / "dropout_precision_exp.py", "dropout_precision_exp")
+    kinds = [exp.KINDS[k] for k, feature in RULE if feature == "sparse-dropout"]
+    assert kinds and all(RULE[(k.name, "sparse-dropout")].legal for k in kinds)
+    for point in (exp.Point(64, 4096, 4, 1e-3), exp.Point(64, 4096, 16, 1e-4)):
+        for p in (0.05, 0.1):
+            for row in dropout_exp.run_point(point, p, kinds, 2.0, 0):
+                if row["variant"] == "sparse-split":
+                    assert meets(row), (row["kind"], p, row["fails"])
 
 
 def test_split_programs_are_pefts_own_path():

@@ -1,0 +1,289 @@
+"""Sparse dropout: a Bernoulli(p) mask as the positions it drops, and the products with them.
+
+With q = 1 − p, m the keep mask and S = x ⊙ (1 − m) the dropped entries (density p),
+D(x) = (x − S)/q. A plan that reads D(x) this way runs its dense products on x itself (where
+they can share a GEMM with the base or with sibling sites) and corrects them at the dropped
+positions only: p·N·d multiply-adds, no N×d mask drawn, applied or kept.
+
+The positions are drawn as cumulative Geometric(p) gaps over the flattened N·d indices — the
+gaps between successes of a Bernoulli(p) process are iid Geometric(p) — so a draw costs about
+p·N·d random numbers (float64 uniforms: p is honoured to ~1e-16 relative). They are kept
+in a buffer of static size (`capacity`: 1.05·p·N·d + 512 slots, then the count), so the
+compiled graph has static shapes. When a draw holds more positions than the capacity, it is
+drawn again, never truncated: the mask is then Bernoulli(p) conditioned on the count fitting,
+an event of probability ≥ 1 − e⁻⁴⁹ (Bernstein's bound; below the float64 resolution of p).
+The positions are a pure function of a seed drawn from torch's generator: seeded runs
+reproduce, and a backward may redraw them instead of keeping them.
+
+A buffer holds the sorted positions, padded with the last of them (or 0 when none), and the
+count in its last slot; the products below weigh the padding by 0, and zeroing twice is
+harmless, so padding contributes nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import torch
+from torch import Tensor
+
+from runlora_fx import dropout_kernels as kernels
+
+FIRST_BATCH_SDS = 4.0  # gaps drawn at once: mean + 4 sd, so a second batch is rare (~3e-5)
+SEED_HIGH = 2**62
+SLACK_NUM, SLACK_DEN, SLACK_ADD = 105, 100, 512  # capacity = 1.05·p·numel + 512 (see above)
+P_BITS = 30  # p in the capacity's integer arithmetic: a multiple of 2⁻³⁰, rounded up
+
+
+def position_dtype(numel: int) -> torch.dtype:
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def capacity(numel: int | torch.SymInt, p: float) -> int | torch.SymInt:
+    """Slots for the dropped positions of `numel` elements: integer arithmetic, so that it is
+    the same expression for a symbolic N. P(count > capacity) ≤ exp(−t²/(2(μ + t/3))) with
+    μ = p·numel and t = 0.05μ + 512: at most e⁻⁴⁹ for every μ."""
+    p_fixed = math.ceil(p * SLACK_NUM / SLACK_DEN * 2**P_BITS)
+    slots = numel * p_fixed // 2**P_BITS + SLACK_ADD
+    return torch.sym_min(slots, numel)
+
+
+def modelled_slots(n: int, d: int, p: float) -> int:
+    """What the cost model counts for the buffer of an N×d tensor: an upper bound of
+    `capacity(N·d, p)` that is affine in N (⌈1.05·p·d⌉ slots a row, plus the fixed ones), as
+    every count of the cost model is (dynamic.py plans over a range of N with it)."""
+    return math.ceil(p * d * SLACK_NUM / SLACK_DEN) * n + SLACK_ADD
+
+
+def expected_count(numel: int, p: float) -> int:
+    return round(numel * p)
+
+
+def first_batch(numel: int, p: float) -> int:
+    mean = numel * p
+    return int(mean + FIRST_BATCH_SDS * math.sqrt(mean * (1.0 - p))) + 16
+
+
+def _gaps(generator: torch.Generator, batch: int, p: float, device: torch.device) -> Tensor:
+    """`batch` Geometric(p) gaps minus one: ⌊log(1 − u)/log(1 − p)⌋, u ~ U[0, 1) in float64,
+    so P(gap > k) = (1 − p)^k."""
+    u = torch.rand(batch, dtype=torch.float64, device=device, generator=generator)
+    return u.neg_().log1p_().mul_(1.0 / math.log1p(-p)).long()
+
+
+def draw_positions(generator: torch.Generator, numel: int, p: float, batch: int,
+                   device: torch.device) -> Tensor:
+    """The sorted dropped positions of an iid Bernoulli(p) mask over `numel` indices. Gaps
+    come in batches of `batch`; a batch that ends before `numel` is followed by another."""
+    parts: list[Tensor] = []
+    last = -1
+    while last < numel - 1:  # the batch ends inside the range: the process goes on after it
+        positions = torch.cumsum(_gaps(generator, batch, p, device).add_(1), 0).add_(last)
+        parts.append(positions)
+        last = int(positions[-1])
+    positions = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return positions[: int(torch.searchsorted(positions, numel))]
+
+
+def _buffer_of(positions: Tensor, numel: int, slots: int) -> Tensor:
+    count = positions.numel()
+    buffer = torch.zeros(slots + 1, dtype=position_dtype(numel), device=positions.device)
+    buffer[:count] = positions
+    if count:
+        buffer[count:slots] = positions[-1]
+    buffer[slots] = count
+    return buffer
+
+
+def _native_buffer(lib: ctypes.CDLL, generator: torch.Generator, numel: int, p: float,
+                   slots: int, batch: int) -> Tensor | None:
+    """The buffer filled by the C loop (None: the draw did not fit; draw again)."""
+    buffer = torch.empty(slots + 1, dtype=torch.int32)
+    count, last = 0, -1
+    while last < numel - 1:
+        count, last = kernels.fill_positions(lib, _gaps(generator, batch, p, buffer.device),
+                                             last, numel, buffer[:slots], count)
+        if count < 0:
+            return None
+    if count:
+        buffer[count:slots] = buffer[count - 1]
+    else:
+        buffer[:slots] = 0
+    buffer[slots] = count
+    return buffer
+
+
+def fill_buffer(generator: torch.Generator, numel: int, p: float, slots: int, batch: int,
+                device: torch.device) -> Tensor:
+    """`slots` positions (padded with the last) and their count: drawn again while they do not
+    fit, so a count is never truncated."""
+    lib = kernels.library() if device.type == "cpu" and numel < 2**31 else None
+    while True:
+        if lib is not None:
+            buffer = _native_buffer(lib, generator, numel, p, slots, batch)
+            if buffer is not None:
+                return buffer
+            continue
+        positions = draw_positions(generator, numel, p, batch, device)
+        if positions.numel() <= slots:
+            return _buffer_of(positions, numel, slots)
+
+
+def draw_seed() -> Tensor:
+    """A seed from torch's generator (on the CPU: reading it never waits for a device)."""
+    return torch.randint(0, SEED_HIGH, (), dtype=torch.int64)
+
+
+def wide_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the products with S accumulate in: at least fp32."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ---- the ops ---------------------------------------------------------------------------------
+# Opaque to Inductor and registered with torch.library's low-level API (a custom_op wrapper
+# costs ~20 µs a call more, and a step makes ~4 calls a site). On the CPU each is one C loop
+# over the positions (dropout_kernels.py); elsewhere the torch version (the same math).
+# zero_at_ and minus_dots_at_ update a GEMM's fresh result in place: Inductor reinplaces them,
+# so no N×d copy is made (the program never hands them a tensor anything else reads).
+
+_OPS = torch.library.Library("runlora", "DEF")
+_OPS.define("dropped_positions(Tensor seed, SymInt numel, float p, SymInt slots, Device device)"
+            " -> Tensor")
+_OPS.define("s_times_at(Tensor x, Tensor buffer, Tensor a) -> Tensor")
+_OPS.define("lt_times_s(Tensor left, Tensor buffer, Tensor x) -> Tensor")
+_OPS.define("zero_at_(Tensor(a!) z, Tensor buffer) -> ()")
+_OPS.define("minus_dots_at_(Tensor(a!) dense, Tensor buffer, Tensor left, Tensor a, float factor)"
+            " -> ()")
+
+
+def _native(*tensors: Tensor) -> ctypes.CDLL | None:
+    return kernels.library() if kernels.usable(*tensors) else None
+
+
+def _unpack(buffer: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(flat positions, rows, columns, which slots hold a position) of a buffer."""
+    flat = buffer[:-1].long()
+    valid = torch.arange(flat.shape[0], device=buffer.device) < buffer[-1]
+    return flat, flat // width, flat % width, valid
+
+
+def _dropped_positions(seed: Tensor, numel: int, p: float, slots: int,
+                       device: torch.device) -> Tensor:
+    """The buffer for `seed` (a 0-d int64 CPU tensor): a pure function of it."""
+    generator = torch.Generator(device=device).manual_seed(int(seed))
+    return fill_buffer(generator, numel, p, slots, first_batch(numel, p), device)
+
+
+# The torch versions: the same math for any device and dtype (tests compare the two).
+
+def reference_s_times_at(x: Tensor, buffer: Tensor, a: Tensor) -> Tensor:
+    """S·Aᵀ (N×r) for A (r×d): row i gets Σ over its dropped j of x[i, j]·A[:, j]."""
+    wide = wide_dtype(x.dtype)
+    flat, rows, cols, valid = _unpack(buffer, x.shape[1])
+    terms = x[rows, cols].to(wide)[:, None] * a.t()[cols].to(wide)
+    terms = torch.where(valid[:, None], terms, 0)
+    return torch.zeros(x.shape[0], a.shape[0], dtype=wide, device=x.device).index_add(
+        0, rows, terms)
+
+
+def reference_lt_times_s(left: Tensor, buffer: Tensor, x: Tensor) -> Tensor:
+    """Lᵀ·S (k×d) for L (N×k): column j gets Σ over its dropped i of L[i, :]·x[i, j]."""
+    wide = wide_dtype(x.dtype)
+    flat, rows, cols, valid = _unpack(buffer, x.shape[1])
+    terms = left[rows].to(wide) * x[rows, cols].to(wide)[:, None]
+    terms = torch.where(valid[:, None], terms, 0)
+    return torch.zeros(x.shape[1], left.shape[1], dtype=wide, device=x.device).index_add(
+        0, cols, terms).t().contiguous()
+
+
+def reference_zero_at_(z: Tensor, buffer: Tensor) -> None:
+    """z with the dropped positions set to 0 (in place): the keep mask where it drops."""
+    _, rows, cols, _ = _unpack(buffer, z.shape[1])
+    # padding repeats the last position, so it writes 0 there too; with none dropped it is
+    # slot 0, which gets back what it holds
+    z.index_put_((rows, cols), torch.where(buffer[-1] > 0, 0, z[rows, cols]))
+
+
+def reference_minus_dots_at_(dense: Tensor, buffer: Tensor, left: Tensor, a: Tensor,
+                             factor: float) -> None:
+    """dense −= factor·(L·A) at the dropped positions only (in place), for L (N×r), A (r×d):
+    what dy·(W + (s/q)BA) gave a dropped element, factor·Σ_r dh[i, r]·A[r, j], taken back.
+    (Each position once: the padding adds 0 there.)"""
+    wide = wide_dtype(dense.dtype)
+    _, rows, cols, valid = _unpack(buffer, dense.shape[1])
+    dots = (left[rows].to(wide) * a.t()[cols].to(wide)).sum(1) * -factor
+    new = dense[rows, cols].to(wide) + torch.where(valid, dots, 0)
+    # a padding slot repeats the last position with its own 0 correction: write the valid one
+    order = torch.where(valid, 0, 1).argsort(stable=True)  # valid slots first, then padding
+    first = order[: int(buffer[-1])]
+    dense.index_put_((rows[first], cols[first]), new[first].to(dense.dtype))
+
+
+def _s_times_at(x: Tensor, buffer: Tensor, a: Tensor) -> Tensor:
+    lib = _native(x, buffer, a)
+    if lib is not None and a.dtype == x.dtype:
+        return kernels.s_times_at(lib, x, buffer, int(buffer[-1]), a)
+    return reference_s_times_at(x, buffer, a)
+
+
+def _lt_times_s(left: Tensor, buffer: Tensor, x: Tensor) -> Tensor:
+    lib = _native(x, buffer, left)
+    if lib is not None and left.dtype == x.dtype:
+        return kernels.lt_times_s(lib, left, buffer, int(buffer[-1]), x)
+    return reference_lt_times_s(left, buffer, x)
+
+
+def _zero_at_(z: Tensor, buffer: Tensor) -> None:
+    lib = _native(z, buffer)
+    if lib is not None:
+        kernels.zero_at_(lib, z, buffer, int(buffer[-1]))
+    else:
+        reference_zero_at_(z, buffer)
+
+
+def _minus_dots_at_(dense: Tensor, buffer: Tensor, left: Tensor, a: Tensor,
+                    factor: float) -> None:
+    lib = _native(dense, buffer, left, a)
+    if lib is not None and left.dtype == a.dtype:
+        kernels.minus_dots_at_(lib, dense, buffer, int(buffer[-1]), left, a, factor)
+    else:
+        reference_minus_dots_at_(dense, buffer, left, a, factor)
+
+
+for _name, _impl in (("dropped_positions", _dropped_positions), ("s_times_at", _s_times_at),
+                     ("lt_times_s", _lt_times_s), ("zero_at_", _zero_at_),
+                     ("minus_dots_at_", _minus_dots_at_)):
+    _OPS.impl(_name, _impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("runlora::dropped_positions")
+def _(seed: Tensor, numel: int, p: float, slots: int, device: torch.device) -> Tensor:
+    return torch.empty((slots + 1,), dtype=position_dtype(numel), device=device)
+
+
+@torch.library.register_fake("runlora::s_times_at")
+def _(x: Tensor, buffer: Tensor, a: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0], a.shape[0]), dtype=wide_dtype(x.dtype))
+
+
+@torch.library.register_fake("runlora::lt_times_s")
+def _(left: Tensor, buffer: Tensor, x: Tensor) -> Tensor:
+    return x.new_empty((left.shape[1], x.shape[1]), dtype=wide_dtype(x.dtype))
+
+
+@torch.library.register_fake("runlora::zero_at_")
+def _(z: Tensor, buffer: Tensor) -> None:
+    return None
+
+
+@torch.library.register_fake("runlora::minus_dots_at_")
+def _(dense: Tensor, buffer: Tensor, left: Tensor, a: Tensor, factor: float) -> None:
+    return None
+
+
+dropped_positions = torch.ops.runlora.dropped_positions.default
+s_times_at = torch.ops.runlora.s_times_at.default
+lt_times_s = torch.ops.runlora.lt_times_s.default
+zero_at_ = torch.ops.runlora.zero_at_.default
+minus_dots_at_ = torch.ops.runlora.minus_dots_at_.default

@@ -1,0 +1,311 @@
+"""Sparse dropout (runlora_fx/dropout.py): the sampler is exactly Bernoulli(p), the products
+with the dropped entries are right in every dtype, and compiled steps use it at every LoRA
+dropout site without keeping a dense mask or a dropped copy of x."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import runlora_fx
+from runlora_fx import dropout as D
+from runlora_fx import dropout_kernels as kernels
+from runlora_fx.execute import PlannedLora
+from runlora_fx.plans import Dropout, plans_for
+from runlora_fx.site import Adapter, LoraSite, SiteGroup
+
+from conftest import ALL_TARGETS, peft_llama, twin
+from replay import keep_mask, replayed_positions
+
+CPU = torch.device("cpu")
+
+
+def buffer_for(numel: int, p: float, seed: int, slots: int | None = None) -> torch.Tensor:
+    slots = D.capacity(numel, p) if slots is None else slots
+    return D.dropped_positions(torch.tensor(seed), numel, p, slots, CPU)
+
+
+# ---- the sampler ---------------------------------------------------------------------------
+
+
+def test_a_buffer_holds_sorted_positions_padded_with_the_last_then_the_count():
+    numel, p = 4000, 0.1
+    buffer = buffer_for(numel, p, seed=3)
+    count, slots = int(buffer[-1]), buffer.numel() - 1
+    positions = buffer[:count]
+    assert slots == D.capacity(numel, p) and 0 < count <= slots
+    assert (positions.diff() > 0).all() and positions[0] >= 0 and positions[-1] < numel
+    assert (buffer[count:slots] == positions[-1]).all()
+    assert torch.equal(buffer, buffer_for(numel, p, seed=3))  # a pure function of the seed
+    assert not torch.equal(buffer, buffer_for(numel, p, seed=4))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_each_element_is_dropped_independently_with_probability_p(p):
+    """Over many draws: the overall rate, every position's rate, and pairs of neighbours
+    (which a gap sampler could couple) within binomial bounds."""
+    numel, draws = 600, 3000
+    masks = torch.zeros(draws, numel, dtype=torch.bool)
+    for k in range(draws):
+        buffer = buffer_for(numel, p, seed=k)
+        masks[k, buffer[: int(buffer[-1])].long()] = True
+    total = masks.numel()
+    assert abs(masks.float().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / total)
+    per_position = masks.float().mean(0)
+    bound = 5.5 * math.sqrt(p * (1 - p) / draws)  # 600 positions: P(any beyond) ≈ 2e-5
+    assert (per_position - p).abs().max().item() < bound
+    pairs = (masks[:, 1:] & masks[:, :-1]).float().mean().item()
+    assert abs(pairs - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / (draws * (numel - 1)))
+
+
+def test_gaps_drawn_in_small_batches_continue_the_same_process():
+    """A batch of gaps that ends inside the range is followed by another, from the same
+    stream: the positions do not depend on the batch size (nothing truncated or redrawn)."""
+    numel, p = 50_000, 0.05
+    one = D.draw_positions(torch.Generator().manual_seed(11), numel, p, 10**6, CPU)
+    many = D.draw_positions(torch.Generator().manual_seed(11), numel, p, 7, CPU)
+    assert torch.equal(one, many)
+    native = D.fill_buffer(torch.Generator().manual_seed(11), numel, p,
+                           D.capacity(numel, p), 7, CPU)
+    assert torch.equal(native[: int(native[-1])].long(), one)
+
+
+def test_a_draw_that_does_not_fit_is_drawn_again_never_truncated():
+    """With a capacity about the mean, half the draws overflow: each is redrawn whole."""
+    numel, p = 2000, 0.1
+    slots = int(numel * p)
+    counts = []
+    for seed in range(40):
+        buffer = buffer_for(numel, p, seed, slots)
+        count = int(buffer[-1])
+        counts.append(count)
+        positions = buffer[:count]
+        assert count <= slots and (positions.diff() > 0).all()
+        unlimited = D.draw_positions(torch.Generator().manual_seed(seed), numel, p,
+                                     D.first_batch(numel, p), CPU)
+        if unlimited.numel() <= slots:  # the first draw fitted: it is the one kept
+            assert torch.equal(positions.long(), unlimited)
+    assert max(counts) <= slots and len(set(counts)) > 5
+
+
+def test_the_capacity_bound_holds_for_every_mean():
+    """P(count > capacity) ≤ exp(−t²/(2(μ + t/3))) (Bernstein) stays below e⁻⁴⁹."""
+    for numel in (1, 100, 10**4, 10**5, 262_144, 10**6, 10**8):
+        for p in (0.01, 0.05, 0.1, 0.3, 0.5):
+            mu = numel * p
+            t = D.capacity(numel, p) - mu
+            if D.capacity(numel, p) == numel:
+                continue  # every element fits: no overflow possible
+            assert t * t / (2 * (mu + t / 3)) >= 49, (numel, p)
+
+
+# ---- the products with S ---------------------------------------------------------------------
+
+
+def _operands(n: int, d: int, r: int, dtype: torch.dtype, strided: bool):
+    """x, A, L and a dense N×d, the N×d ones as column slices of wider tensors if `strided`."""
+    gen = torch.Generator().manual_seed(0)
+    extra = 5 if strided else 0
+    x = torch.randn(n, d + extra, generator=gen).to(dtype)[:, :d]
+    a = torch.randn(r, d, generator=gen).to(dtype)
+    left = torch.randn(n, r, generator=gen).to(dtype)
+    dense = torch.randn(n, d + extra, generator=gen).to(dtype)[:, :d]
+    return x, a, left, dense
+
+
+@pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the torch versions run")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("strided", [False, True])
+def test_the_c_kernels_equal_the_torch_versions(dtype, strided):
+    n, d, r = 70, 40, 5
+    x, a, left, dense = _operands(n, d, r, dtype, strided)
+    for p in (0.2, 1e-9):  # some positions; none (count 0)
+        buffer = buffer_for(n * d, p, seed=1)
+        tol = {"rtol": 1e-5, "atol": 1e-5}
+        torch.testing.assert_close(D.s_times_at(x, buffer, a),
+                                   D.reference_s_times_at(x, buffer, a), **tol)
+        torch.testing.assert_close(D.lt_times_s(left, buffer, x),
+                                   D.reference_lt_times_s(left, buffer, x), **tol)
+        z1, z2 = dense.clone(), dense.clone()
+        D.zero_at_(z1, buffer)
+        D.reference_zero_at_(z2, buffer)
+        assert torch.equal(z1, z2)
+        m1, m2 = dense.clone(), dense.clone()
+        D.minus_dots_at_(m1, buffer, left, a, 1.25)
+        D.reference_minus_dots_at_(m2, buffer, left, a, 1.25)
+        changed = buffer[: int(buffer[-1])].long()
+        unchanged = torch.ones(n * d, dtype=torch.bool)
+        unchanged[changed] = False
+        for m in (m1, m2):  # only the dropped elements change
+            assert torch.equal(m.reshape(-1)[unchanged], dense.reshape(-1)[unchanged])
+        tol = 1e-5 if dtype == torch.float32 else 2e-2  # 16 bits: one rounding apart
+        torch.testing.assert_close(m1.float(), m2.float(), rtol=tol, atol=tol)
+
+
+def test_the_products_equal_the_dense_mask_in_fp64():
+    n, d, r, p = 50, 30, 4, 0.3
+    x, a, left, dense = (t.double() for t in _operands(n, d, r, torch.float32, False))
+    buffer = buffer_for(n * d, p, seed=5)
+    dropped = 1 - keep_mask(buffer[: int(buffer[-1])], (n, d), p, torch.float64) * (1 - p)
+    s = x * dropped
+    torch.testing.assert_close(D.s_times_at(x, buffer, a), s @ a.t())
+    torch.testing.assert_close(D.lt_times_s(left, buffer, x), left.t() @ s)
+    zeroed = dense.clone()
+    D.zero_at_(zeroed, buffer)
+    torch.testing.assert_close(zeroed, dense * (1 - dropped))
+    minus = dense.clone()
+    D.minus_dots_at_(minus, buffer, left, a, 0.5)
+    torch.testing.assert_close(minus, dense - 0.5 * (left @ a) * dropped)
+
+
+# ---- a group's programs ----------------------------------------------------------------------
+
+
+def test_every_group_plan_equals_the_dense_math_with_the_same_masks():
+    """q/k/v-like sites with dropout, as one unit: one dense GEMM, one correction each, and
+    every output and gradient equal to the dense formula in fp64 with the masks drawn."""
+    n, d, p, s = 12, 10, 0.25, 2.0
+    members = tuple(LoraSite(f"m{m}", n, d, 6 + m, (Adapter(3, p, s, True, True),),
+                             torch.float64, False, False, True, True) for m in range(3))
+    unit = SiteGroup(members)
+    plans = [plan for plan in plans_for(unit) if plan.groups_members]
+    assert plans and all(plan.dropout.is_sparse for plan in plans)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    weights = [torch.randn(site.d_out, d, generator=gen, dtype=torch.float64)
+               for site in members]
+    a = [torch.randn(3, d, generator=gen, dtype=torch.float64, requires_grad=True)
+         for _ in members]
+    b = [torch.randn(site.d_out, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+         for site in members]
+    dys = [torch.randn(n, site.d_out, generator=gen, dtype=torch.float64) for site in members]
+    leaves = [x, *a, *b]
+    for plan in plans:
+        planned = PlannedLora("group", unit, plan)
+        by_name = {"x": x}
+        for m in range(3):
+            by_name.update({f"W{m}": weights[m], f"A{m}.0": a[m], f"B{m}.0": b[m]})
+        torch.manual_seed(7)
+        ys = planned([by_name[op.name] for op in planned.operands], [s, s, s])
+        got = torch.autograd.grad(ys, leaves, dys)
+        drawn = replayed_positions(planned.program, 7, n * d)
+        masks = [keep_mask(drawn[f"P{m}.0"], (n, d), p, torch.float64) for m in range(3)]
+        expected_ys = [x @ w.t() + s * (x * mk) @ am.t() @ bm.t()
+                       for w, mk, am, bm in zip(weights, masks, a, b)]
+        expected = torch.autograd.grad(expected_ys, leaves, dys)
+        for y, e in zip(ys, expected_ys):
+            torch.testing.assert_close(y, e, msg=plan.describe())
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, msg=plan.describe())
+        assert len({tuple(drawn[f"P{m}.0"].tolist()) for m in range(3)}) == 3  # own masks
+
+
+# ---- compiled steps --------------------------------------------------------------------------
+
+
+class Probe(nn.Module):
+    """Two LoRA linears on one x whose outputs are their branches' D(x): W = 0, A = B = I."""
+
+    def __init__(self, d: int, p: float) -> None:
+        super().__init__()
+        self.p = p
+        self.base = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(2))
+        self.a = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(2))
+        self.b = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(2))
+        with torch.no_grad():
+            for base, a, b in zip(self.base, self.a, self.b):
+                base.weight.zero_()
+                base.weight.requires_grad_(False)
+                a.weight.copy_(torch.eye(d))
+                b.weight.copy_(torch.eye(d))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(base(x) + b(a(nn.functional.dropout(x, self.p, self.training)))
+                     for base, a, b in zip(self.base, self.a, self.b))
+
+
+def test_masks_are_independent_across_sites_and_steps_in_a_compiled_step():
+    d, p, n, steps = 32, 0.2, 64, 12
+    backend = runlora_fx.Backend({"inner": "eager"})
+    probe = torch.compile(Probe(d, p), backend=backend)
+    x = torch.ones(n, d, requires_grad=True)
+    torch.manual_seed(0)
+    dropped = []
+    for _ in range(steps):
+        y1, y2 = probe(x)
+        dropped.append(torch.stack([y1 == 0, y2 == 0]))
+    [report] = backend.reports
+    assert all(dec.chosen.plan.sparse_dropout for dec in report.decisions)
+    masks = torch.stack(dropped).float()  # steps × 2 × n × d
+    rate = masks.mean().item()
+    assert abs(rate - p) < 5 * math.sqrt(p * (1 - p) / masks.numel())
+    both_sites = (masks[:, 0] * masks[:, 1]).mean().item()
+    both_steps = (masks[1:] * masks[:-1]).mean().item()
+    for joint, count in ((both_sites, masks[:, 0].numel()), (both_steps, masks[1:].numel())):
+        assert abs(joint - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / count)
+    outputs = torch.stack([y1, y2])  # D(x) of ones: 1/q where kept
+    torch.testing.assert_close(outputs[outputs != 0],
+                               torch.full_like(outputs[outputs != 0], 1 / (1 - p)))
+
+
+def _llama(dtype: torch.dtype, p: float = 0.1) -> nn.Module:
+    model = peft_llama(layers=1, hidden=32, lora_dropout=p)
+    if dtype != torch.float32:  # PEFT's default on a 16-bit model: adapters stay fp32
+        for name, param in model.named_parameters():
+            if "lora_" not in name:
+                param.data = param.data.to(dtype)
+    return model
+
+
+@pytest.mark.parametrize("setup", ["fp32", "bf16-peft", "autocast"])
+def test_every_dropout_site_of_a_llama_runs_sparse(setup):
+    model = _llama(torch.bfloat16 if setup == "bf16-peft" else torch.float32)
+    backend = runlora_fx.Backend({"inner": "eager"})
+    compiled = torch.compile(model, backend=backend)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=setup == "autocast"):
+        loss = compiled(input_ids=ids, labels=ids).loss
+    loss.backward()
+    [report] = backend.reports
+    paths = {site.path.rsplit(".", 1)[-1] for d in report.decisions for site in d.sites}
+    assert paths == set(ALL_TARGETS) and not report.skipped
+    for decision in report.decisions:
+        assert decision.chosen.plan.dropout in (Dropout.SPARSE, Dropout.SPARSE_REDRAWN)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_fallback_random_keeps_the_graphs_dropout_and_eagers_masks(exact_dropout):
+    model = _llama(torch.float32)
+    eager, compiled_model = model, twin(model)
+    backend = runlora_fx.Backend({"inner": "eager"})
+    compiled = torch.compile(compiled_model, backend=backend)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(3)
+    eager(input_ids=ids, labels=ids).loss.backward()
+    torch.manual_seed(3)
+    compiled(input_ids=ids, labels=ids).loss.backward()
+    assert all(d.chosen.plan.dropout is Dropout.GRAPH for d in backend.reports[0].decisions)
+    for (name, p), (_, q) in zip(eager.named_parameters(), compiled_model.named_parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_mean_loss_over_seeds_matches_peft():
+    """Dropout draws differ from eager's, their distribution may not: over seeds the mean
+    loss of a step matches eager PEFT's within its standard error."""
+    model = _llama(torch.float32, p=0.3)
+    eager, compiled = model, torch.compile(twin(model), backend=runlora_fx.Backend(
+        {"inner": "eager"}))
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    losses: dict[str, list[float]] = {"eager": [], "runlora": []}
+    for seed in range(40):
+        for name, run in (("eager", eager), ("runlora", compiled)):
+            torch.manual_seed(seed)
+            losses[name].append(run(input_ids=ids, labels=ids).loss.item())
+    e, r = (torch.tensor(v, dtype=torch.float64) for v in losses.values())
+    se = math.sqrt(e.var() / len(e) + r.var() / len(r))
+    assert e.std() > 0 and abs(e.mean() - r.mean()) < 4 * se
