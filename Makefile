@@ -1,12 +1,15 @@
 # `make test` and `make bench` build .venv from nothing, then run.
 # torch: an installed 2.13 is reused (venv with system site-packages); otherwise TORCH_SPEC is
-# installed explicitly first — on this machine kind it is the CPU wheel on disk. The project pins
-# torch<2.14, so nothing later can pull a newer (CUDA) build implicitly.
+# installed explicitly first — on this machine kind it is the CPU wheel on disk. The torch now in
+# the venv is then held by a pip constraints file (torch==<that version>) for every later install,
+# so no dependency of an extra (torchao, bitsandbytes, …) can replace it with a newer CUDA build.
+# The pin lives here, in this environment; the package itself asks only torch>=2.11.
 PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CONSTRAINTS := $(VENV)/constraints.txt
 PYTEST_ARGS ?=
 # two pytest workers, one torch thread each: the suite is mostly single-threaded tracing
 PYTEST_WORKERS ?= 2
@@ -23,8 +26,10 @@ $(STAMP): pyproject.toml
 	  else $(PYTHON) -m venv $(VENV); fi; \
 	fi
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,bench]"
-	$(PY) -m pip install -q --no-deps "torchtune==0.6.1"
+	$(PY) -c "from importlib.metadata import version; print('torch==' + version('torch'))" \
+	  > $(CONSTRAINTS)
+	$(PY) -m pip install -q -c $(CONSTRAINTS) -e ".[test,bench]"
+	$(PY) -m pip install -q -c $(CONSTRAINTS) --no-deps "torchtune==0.6.1"
 	touch $(STAMP)
 
 test: $(STAMP)

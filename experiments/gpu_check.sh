@@ -24,10 +24,11 @@
 #   runs.tar.gz  per configuration: the .csv, .md, .png and the full log
 #
 # Assumes: a Python (first of $PYTHON, python3, .venv/bin/python whose torch sees CUDA) with a
-# CUDA build of torch 2.13 and transformers>=5, peft>=0.21, matplotlib, tqdm and networkx
-# installed; no network is needed. The runlora_fx package need not be installed: a linked copy of
-# the package as it installs (passes/ as runlora_fx/passes) goes on PYTHONPATH. Inductor caches
-# compiled kernels under /tmp (torch's default).
+# CUDA build of torch >= 2.11 (tested: 2.11 to 2.13) and transformers>=5, peft>=0.21, matplotlib,
+# tqdm, networkx and setuptools installed; no network is needed. The script installs this
+# checkout into that Python, editable, with `pip install --no-deps --no-build-isolation -e .`:
+# nothing else is installed or changed, the torch there included. Inductor caches compiled
+# kernels under /tmp (torch's default).
 set -euo pipefail
 
 OUT=${1:?usage: experiments/gpu_check.sh OUT_DIR (run from the repository root)}
@@ -42,29 +43,6 @@ if [[ ! -f experiments/model_exp.py ]]; then
   echo "gpu_check: run me from the repository root (experiments/model_exp.py not found)" >&2
   exit 2
 fi
-
-PY=""
-NEEDS="import sys, torch, transformers, peft, matplotlib, tqdm, networkx"
-for candidate in ${PYTHON:-} python3 .venv/bin/python; do
-  if command -v "$candidate" >/dev/null 2>&1 &&
-     "$candidate" -c "$NEEDS; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
-    PY=$candidate
-    break
-  fi
-done
-if [[ -z $PY ]]; then
-  echo "gpu_check: found no Python (tried ${PYTHON:-} python3 .venv/bin/python) whose torch sees" \
-       "CUDA and that has transformers, peft, matplotlib, tqdm and networkx" >&2
-  exit 2
-fi
-mkdir -p "$OUT"
-WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
-# the package as pip installs it: runlora_fx/ with passes/ inside it as runlora_fx/passes
-mkdir -p "$WORK/src/runlora_fx"
-ln -s "$PWD"/runlora_fx/*.py "$WORK/src/runlora_fx/"
-ln -s "$PWD/passes" "$WORK/src/runlora_fx/passes"
-export PYTHONPATH="$WORK/src${PYTHONPATH:+:$PYTHONPATH}"
 
 # name | share of the budget, % | arguments
 ALL_RUNS=(
@@ -81,6 +59,32 @@ if ((${#RUNS[@]} == 0)); then
        "llama_250m_b58_r128 llama_1.3b_b24_r512" >&2
   exit 2
 fi
+
+PY=""
+NEEDS="import sys, torch, transformers, peft, matplotlib, tqdm, networkx"
+for candidate in ${PYTHON:-} python3 .venv/bin/python; do
+  if command -v "$candidate" >/dev/null 2>&1 &&
+     "$candidate" -c "$NEEDS; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    PY=$("$candidate" -c "import sys; print(sys.executable)")  # absolute: usable from any folder
+    break
+  fi
+done
+if [[ -z $PY ]]; then
+  echo "gpu_check: found no Python (tried ${PYTHON:-} python3 .venv/bin/python) whose torch sees" \
+       "CUDA and that has transformers, peft, matplotlib, tqdm and networkx" >&2
+  exit 2
+fi
+# runlora-fx into that Python, as a user adds it beside the torch they have: editable, no
+# dependency resolved (they are there), no build environment fetched (no network here)
+if ! "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . ||
+   ! (cd / && "$PY" -c "import runlora_fx.passes.find_sites") >/dev/null; then
+  echo "gpu_check: could not install this checkout into $PY (pip install --no-deps" \
+       "--no-build-isolation -e . needs setuptools>=68 there)" >&2
+  exit 2
+fi
+mkdir -p "$OUT"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
 
 {
   echo "# gpu_check $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -130,6 +134,6 @@ done
 
 cp "$WORK/tables.md" "$OUT/tables.md"
 [[ -f $WORK/results.csv ]] && cp "$WORK/results.csv" "$OUT/results.csv"
-tar -czf "$OUT/runs.tar.gz" -C "$WORK" --exclude=tables.md --exclude=results.csv --exclude=src .
+tar -czf "$OUT/runs.tar.gz" -C "$WORK" --exclude=tables.md --exclude=results.csv .
 cat "$OUT/tables.md"
 echo "gpu_check: wrote $(ls "$OUT" | tr "\n" " ")to $OUT"

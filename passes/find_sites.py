@@ -27,7 +27,7 @@ from runlora_fx.passes.patterns import (
 )
 from runlora_fx.passes.quantized import Opaque, opaque_base
 from runlora_fx.site import Adapter, Base, LoraSite, SkippedSite, WeightLayout
-from runlora_fx.symints import size_hint
+from runlora_fx.compat import size_hint
 
 Key = tuple[Role, int | None]
 

@@ -24,6 +24,7 @@ from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 from runlora_fx.budget import Budget, choose_within
 from runlora_fx.cache import default_cache_dir
 from runlora_fx.choose import Chooser, Decision
+from runlora_fx.compat import check_torch
 from runlora_fx.debug import DebugOutput
 from runlora_fx.options import INNER_COMPILERS, Options, parse_options
 from runlora_fx.passes.find_sites import find_sites
@@ -214,6 +215,7 @@ class Backend:
         self.chooser = chooser_for(self.options)
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        check_torch(str(torch.__version__), bool(self.options.strict))  # once; strict raises
         report = GraphReport.for_inputs(next(self._ids), example_inputs)
         self.reports.append(report)
         if self.chooser.sparse_dropout != self.options.sparse_dropout(

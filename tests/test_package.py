@@ -5,12 +5,16 @@ backend's top — backend.py, explainer.py — uses the passes)."""
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import networkx as nx
+import pytest
+import torch
+from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parent.parent
 TOP = ("runlora_fx.backend", "runlora_fx.explainer")  # the stages' driver and explain()
@@ -81,15 +85,59 @@ def test_only_the_top_imports_the_passes():
             assert not any(b in TOP for b in graph.successors(module)), module
 
 
-def test_the_wheel_holds_one_top_level_package(tmp_path):
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(REPO)],
-        check=True, capture_output=True, cwd=tmp_path,
+         "-w", str(folder), str(REPO)],
+        check=True, capture_output=True, cwd=folder,
     )
-    [wheel] = tmp_path.glob("runlora_fx-*.whl")
+    [built] = folder.glob("runlora_fx-*.whl")
+    return built
+
+
+def test_the_wheel_holds_one_top_level_package(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert tops == {"runlora_fx"}
     assert "runlora_fx/passes/find_sites.py" in names
     assert not [n for n in names if n.startswith("passes/")]
+
+
+def test_the_metadata_admits_the_tested_torch_and_caps_none(wheel):
+    """torch is a minimum (pip must not replace the user's torch): 2.11 as released, as a
+    vendor's pre-release build of 2.11 and as a CUDA build, the running torch and newer ones."""
+    archive = zipfile.ZipFile(wheel)
+    [name] = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+    metadata = archive.read(name)
+    requires = [Requirement(line.split(":", 1)[1].strip())
+                for line in metadata.decode().splitlines() if line.startswith("Requires-Dist:")]
+    [torch_req] = [r for r in requires if r.name == "torch"]
+    for version in ("2.11.0", "2.11.0a0+gitabc1234", "2.11.0+cu130", str(torch.__version__),
+                    "2.14.0", "2.15.0+cu130"):
+        assert torch_req.specifier.contains(version, prereleases=True), version
+    assert not torch_req.specifier.contains("2.10.1", prereleases=True)
+
+
+def test_installing_the_wheel_changes_no_installed_torch(wheel, tmp_path):
+    """What pip would do to this environment (its torch 2.13 included): install runlora-fx and
+    nothing else. No index is read: a resolver that wanted another torch would fail here."""
+    report = tmp_path / "report.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "-q", "--report",
+         str(report), str(wheel)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    if run.returncode:
+        # where the installed torch's own requirements are unmet already (a worktree venv that
+        # reads another venv's packages behind an older setuptools, say), no resolution without
+        # an index can succeed; `make env`'s venv meets them, and there this must pass
+        check = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True,
+                               text=True)
+        unmet = [line for line in check.stdout.splitlines() if line.startswith("torch ")]
+        if unmet:
+            pytest.skip(f"the installed torch's own requirements are unmet: {unmet}")
+        pytest.fail(run.stderr)
+    installs = json.loads(report.read_text())["install"]
+    assert [i["metadata"]["name"] for i in installs] == ["runlora-fx"]
