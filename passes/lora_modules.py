@@ -4,7 +4,9 @@ A module is LoRA-like when a class in its type's MRO is a LoRA layer by name (PE
 `LoraLayer`, loralib's `LoRALayer`, torchtune's `LoRALinear` / `DoRALinear`; not PEFT's
 `LoraModel` wrapper), or when it holds a submodule or parameter
 named lora_A / lora_B / lora_a / lora_b / lora_down / lora_up / lora_magnitude_vector. Every
-such module that no site covers gets a skipped entry naming the ops seen there.
+such module that no site covers gets a skipped entry naming the ops seen there. The same test
+on real modules (`is_lora_module`) tells which of a model's LoRA modules no compiled graph
+covered at all (runlora_fx/coverage.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+import torch
 import torch.fx as fx
 
 from runlora_fx.passes.paths import module_path, normalise_path
@@ -29,6 +32,23 @@ LORA_CLASS = re.compile(r"(lora|dora)(layer|linear)", re.IGNORECASE)
 def _lora_class(kind: object) -> bool:
     names = [c.__name__ for c in getattr(kind, "__mro__", ())] or [str(kind).rsplit(".", 1)[-1]]
     return any(LORA_CLASS.search(name) for name in names)
+
+
+def is_lora_module(module: torch.nn.Module) -> bool:
+    """The same test on a real module: a LoRA class in its MRO, or a child / own parameter named
+    like a LoRA part."""
+    return (_lora_class(type(module))
+            or any(LORA_PART.match(name) for name, _ in module.named_children())
+            or any(LORA_PARAM.search(name) for name, _ in module.named_parameters(recurse=False)))
+
+
+def lora_parameters(module: torch.nn.Module) -> list[str]:
+    """Names (relative to a LoRA-like `module`) of its LoRA parameters: those under a LoRA part or
+    named like one; all of its parameters when none is (a LoRA class with other names)."""
+    names = [name for name, _ in module.named_parameters()]
+    lora = [n for n in names
+            if LORA_PARAM.search(n) or any(LORA_PART.match(part) for part in n.split("."))]
+    return lora or names
 
 
 def _from_path(path: str) -> str | None:

@@ -6,6 +6,7 @@ from runlora_fx.choose import CRITERIA, Candidate, Chooser, Decision, choose
 from runlora_fx.cost import Cost, cost_of
 from runlora_fx.explainer import Explanation, explain
 from runlora_fx.options import Options, parse_options
+from runlora_fx.outside import Outside
 from runlora_fx.plans import Plan, plans_for, reference_plan
 from runlora_fx.precision import Precision, Rounding
 from runlora_fx.records import GraphReport
@@ -23,6 +24,7 @@ __all__ = [
     "GraphReport",
     "LoraSite",
     "Options",
+    "Outside",
     "Plan",
     "Precision",
     "Rounding",

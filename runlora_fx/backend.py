@@ -21,6 +21,7 @@ import torch.fx as fx
 from torch._functorch._aot_autograd.utils import make_boxed_func
 from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
+from runlora_fx import coverage
 from runlora_fx.budget import Budget, choose_within
 from runlora_fx.cache import default_cache_dir
 from runlora_fx.choose import Chooser, Decision
@@ -221,6 +222,8 @@ class Backend:
         if self.chooser.sparse_dropout != self.options.sparse_dropout(
                 torch._inductor.config.fallback_random):  # flipped since: choose anew
             self.chooser = chooser_for(self.options)
+        # the model's LoRA modules this graph covers; the rest is said once, at the first backward
+        settle = coverage.watch(gm, example_inputs, report, self.options.strict)
         graph_debug = None
         try:
             work = working_copy(gm)  # `gm` stays as captured: the fallback compiles it
@@ -231,14 +234,16 @@ class Backend:
             graph_debug.rewritten(work)
             compiled = compile(work, example_inputs, self.options, self.mode, report)
             report.stages += ["tag", "compile"]
-            return compiled
         except Exception as error:  # noqa: BLE001 — contained: plain compile takes over
             if self.options.strict:
                 raise
             stage = STAGES[len(report.stages)]  # the first that did not finish
             if stage == "tag":  # the tag pass runs inside compile_fx: it names itself
                 stage = error.stage if isinstance(error, StageError) else "compile"
-            return self._fall_back(gm, example_inputs, report, stage, error, graph_debug)
+            compiled = self._fall_back(gm, example_inputs, report, stage, error, graph_debug)
+        if settle is not None:  # AOTAutograd compiles the backward when it first runs
+            report.on_partition.append(settle)
+        return compiled
 
     def _fall_back(self, gm: fx.GraphModule, example_inputs: Sequence[Any], report: GraphReport,
                    stage: str, error: Exception, graph_debug: Any) -> Callable:

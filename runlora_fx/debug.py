@@ -12,6 +12,9 @@ and repeated runs never overwrite each other. A folder holds
     partitioned_forward.py    the aten graphs AOTAutograd partitioned, as handed to the inner
     partitioned_backward.py   compiler (the backward arrives at the first backward call)
 
+sites.json and report.md are written again when the model's accounting of LoRA modules outside
+every compiled graph is settled (coverage.py; at the first backward).
+
 A directory that cannot be written is an error (`DebugDirError`) when the backend is constructed:
 a dump that was asked for and silently missing would be worse than a failed compile.
 """
@@ -29,6 +32,7 @@ import torch.fx as fx
 
 from runlora_fx import records
 from runlora_fx.options import Options
+from runlora_fx.outside import Outside
 from runlora_fx.records import GraphReport
 
 ENV_VAR = "RUNLORA_DEBUG_DIR"
@@ -102,9 +106,18 @@ class GraphDebug:
                 logger.debug("%s", line)
         if self.folder is None:
             return
+        self._write_document(doc)
+        self._write("before_rewrite.py", readable(gm))
+
+    def accounted(self, outside: Outside) -> None:
+        """The model's accounting is settled: sites.json and report.md carry it."""
+        if self.folder is not None:
+            self._write_document(records.document([(self.graph, self.report)], self.criterion))
+
+    def _write_document(self, doc: dict) -> None:
+        assert self.folder is not None
         self._write("sites.json", json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
         self._write("report.md", records.render(doc, title=f"runlora {self.folder.name}"))
-        self._write("before_rewrite.py", readable(gm))
 
     def rewritten(self, gm: fx.GraphModule) -> None:
         if self.folder is not None:
@@ -133,6 +146,7 @@ class DebugOutput:
         graph = GraphDebug(report, self.criterion, folder)
         if folder is not None:
             report.on_partition.append(graph.partitioned)
+            report.on_outside.append(graph.accounted)
         graph.planned(gm)
         return graph
 

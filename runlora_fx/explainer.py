@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from runlora_fx import records
+from runlora_fx import coverage, records
 from runlora_fx.backend import chooser_for, plan
 from runlora_fx.choose import Decision
 from runlora_fx.options import parse_options
@@ -35,7 +35,8 @@ class Explanation:
 
     `sites` and `skipped` are the JSON records of `sites.json`, `to_dict()` / `to_json()` the
     whole document (several graphs when the model has graph breaks), `decisions` the Python
-    objects, `dynamo_graphs` the captured graphs as readable code.
+    objects, `dynamo_graphs` the captured graphs as readable code, `coverage` the model's LoRA
+    modules and those that ran outside every graph, with the graph breaks that explain them.
     """
 
     def __init__(self, document: dict[str, Any], reports: Sequence[GraphReport],
@@ -55,6 +56,10 @@ class Explanation:
     @property
     def totals(self) -> dict[str, Any]:
         return self._document["totals"]
+
+    @property
+    def coverage(self) -> dict[str, Any] | None:
+        return self._document["coverage"]
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self._document)
@@ -116,9 +121,18 @@ def explain(
     reports: list[GraphReport] = []
     graph_names: list[str] = []
     dynamo_graphs: list[str] = []
+    try:
+        ledgers = coverage.untracked_ledgers(model, args, kwargs)
+    except Exception as error:  # noqa: BLE001 — as the backend: reported only when strict
+        coverage.contained(parsed.strict, "finding the model", error)
+        ledgers = []
 
     def plan_only(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         report = GraphReport.for_inputs(len(reports), example_inputs)
+        try:
+            coverage.record(ledgers, gm, example_inputs, report)
+        except Exception as error:  # noqa: BLE001 — as the backend: never fails the trace
+            coverage.contained(parsed.strict, "recording a graph", error)
         try:
             plan(working_copy(gm), report, parsed, chooser)  # as the backend; no rewrite
         except Exception as error:  # noqa: BLE001 — as the backend: reported, not raised
@@ -137,5 +151,10 @@ def explain(
     ):
         traced = torch.compile(model, backend=plan_only, dynamic=dynamic, isolate_recompiles=True)
         traced(*args, **kwargs)
+    try:  # the forward is complete: every graph of the call is known
+        for _, ledger in ledgers:
+            ledger.account(coverage.dynamo_break_reasons())
+    except Exception as error:  # noqa: BLE001 — as the backend: reported only when strict
+        coverage.contained(parsed.strict, "settling", error)
     document = records.document(zip(graph_names, reports), parsed.criterion)
     return Explanation(document, reports, dynamo_graphs)

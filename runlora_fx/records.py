@@ -5,6 +5,10 @@ and `python -m runlora_fx.report` all render a document with `render()`, so they
 A document may hold several graphs (explain() on a model with graph breaks); every site and
 skipped record names its graph by Dynamo's compile id (as in TORCH_LOGS, e.g. "0/0").
 
+A document also carries the compiled model's accounting of its LoRA modules ("coverage": those
+that ran outside every compiled graph, and why; coverage.py), which the "k of n LoRA modules"
+line counts.
+
 Costs are those of `cost.cost_of` for the LoRA linears alone (base matmul included), not the
 whole graph. "before" is the order eager PEFT computes (`plans.reference_plan`), "after" the
 chosen plans.
@@ -24,6 +28,7 @@ import torch.fx as fx
 from runlora_fx.choose import Decision
 from runlora_fx.cost import Cost, cost_of
 from runlora_fx.dynamic import affine_cost, describe_affine
+from runlora_fx.outside import Outside
 from runlora_fx.plans import Plan, reference_plan
 from runlora_fx.site import LoraSite, SkippedSite
 
@@ -36,13 +41,17 @@ class GraphReport:
 
     `stages` lists the backend's stages (find, choose, rewrite, tag, compile) as they finished;
     `failure` names the stage and exception when a stage of runlora's own raised and the graph
-    was compiled as plain torch.compile would compile it."""
+    was compiled as plain torch.compile would compile it. `lora_modules` counts the compiled
+    model's LoRA modules (None when the model was not found); `outside` is the model's
+    accounting of those no compiled graph covered, shared by all its reports once settled
+    (coverage.py)."""
 
     graph_id: int
     decisions: list[Decision] = field(default_factory=list)
     skipped: list[SkippedSite] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # e.g. an infeasible memory budget
-    lora_modules: int = 0  # modules that look like LoRA (rewritten, skipped or not recognised)
+    lora_modules: int | None = None  # the compiled model's LoRA-like modules, all its graphs
+    outside: Outside | None = None
     stages: list[str] = field(default_factory=list)
     failure: str | None = None
     parameter_inputs: tuple[bool, ...] = ()  # per graph input: is it an nn.Parameter
@@ -50,6 +59,10 @@ class GraphReport:
     backward: fx.GraphModule | None = None
     # called as f("forward" | "backward", gm) when a partitioned graph arrives (the debug dump)
     on_partition: list[Callable[[str, fx.GraphModule], None]] = field(
+        default_factory=list, repr=False, compare=False
+    )
+    # called as f(outside) when the model's accounting is settled (the debug dump)
+    on_outside: list[Callable[[Outside], None]] = field(
         default_factory=list, repr=False, compare=False
     )
 
@@ -64,6 +77,11 @@ class GraphReport:
     @property
     def sites_rewritten(self) -> int:
         return sum(len(d.sites) for d in self.decisions)
+
+    def settle(self, outside: Outside) -> None:
+        self.outside = outside
+        for listener in self.on_outside:
+            listener(outside)
 
 Record = dict[str, Any]
 COST_ROWS = (
@@ -194,9 +212,23 @@ def _versions() -> Record:
     return {"runlora_fx": ours, "torch": torch.__version__}
 
 
+def coverage_record(reports: Sequence[GraphReport]) -> Record | None:
+    """The compiled model's accounting (coverage.py): its LoRA modules, those that ran outside
+    every compiled graph and the graph breaks that explain them; "outside" is None until it is
+    settled (at the first backward). None when the model was not found."""
+    for report in reports:
+        if report.outside is not None:
+            return report.outside.record()
+    counts = [r.lora_modules for r in reports if r.lora_modules is not None]
+    if not counts:
+        return None
+    return {"lora_modules": counts[0], "outside": None, "causes": [], "warning": None}
+
+
 def document(reports: Iterable[tuple[str, GraphReport]], criterion: str) -> Record:
     """The sites.json document of one or more graphs, each given as (graph name, report)."""
     graphs, sites, skipped, warnings, failures = [], [], [], [], []
+    reports = list(reports)
     for graph, report in reports:
         graphs.append(graph)
         sites += [site_record(d, graph) for d in report.decisions]
@@ -204,6 +236,7 @@ def document(reports: Iterable[tuple[str, GraphReport]], criterion: str) -> Reco
         warnings += [{"graph": graph, "warning": w} for w in report.warnings]
         if report.failure is not None:
             failures.append({"graph": graph, "failure": report.failure})
+    coverage = coverage_record([report for _, report in reports])
     return {
         "schema_version": SCHEMA_VERSION,
         "versions": _versions(),
@@ -213,7 +246,9 @@ def document(reports: Iterable[tuple[str, GraphReport]], criterion: str) -> Reco
         "skipped": skipped,
         "warnings": warnings,
         "failures": failures,
-        "totals": totals(sites, skipped),
+        "coverage": coverage,
+        "totals": {**totals(sites, skipped),
+                   "lora_modules": None if coverage is None else coverage["lora_modules"]},
     }
 
 
@@ -303,6 +338,11 @@ def render(doc: Mapping[str, Any], title: str | None = None) -> str:
         f"{total['sites_skipped']} skipped{_groups(total)}. Costs are the LoRA linears' (base "
         "matmul included), with the change against the order eager PEFT runs.",
     ]
+    coverage = doc.get("coverage") or {}
+    if coverage.get("warning"):
+        lines += [f"\n**Warning:** {coverage['warning']}", "",
+                  "Outside every compiled graph: "
+                  + ", ".join(f"`{p}`" for p in coverage["outside"]) + "."]
     lines += [f"\n**Warning:** {w['warning']}" for w in doc.get("warnings", [])]
     lines += [f"\n**runlora failed, plain torch.compile used:** {f['failure']}"
               for f in doc.get("failures", [])]
@@ -327,12 +367,14 @@ def render(doc: Mapping[str, Any], title: str | None = None) -> str:
 
 
 def summary_line(doc: Mapping[str, Any]) -> str:
-    """The one INFO line per compiled graph."""
+    """The one INFO line per compiled graph; n counts the model's LoRA modules, all its graphs
+    (the graph's sites when they are more: hand-written sites in modules not named like LoRA)."""
     total = doc["totals"]
     change = total["change_pct"]
+    modules = max(total.get("lora_modules") or 0, total["sites_found"])  # the model's, all graphs
     return (
         f"runlora graph {', '.join(doc['graphs'])}: {total['sites_rewritten']} of "
-        f"{total['sites_found']} LoRA modules rewritten ({total['sites_found']} LoRA sites "
+        f"{modules} LoRA modules rewritten ({total['sites_found']} LoRA sites "
         f"found, {total['sites_rewritten']} rewritten, {total['sites_skipped']} skipped; "
         f"FLOPs {pct(change['flops'])}, saved bytes {pct(change['saved_bytes'])} "
         f"vs the PEFT order, criterion {doc['criterion']}{_groups(total)})"

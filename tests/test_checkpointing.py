@@ -22,6 +22,7 @@ from runlora_fx.backend import choose, chooser_for, find, rewrite
 from runlora_fx.choose import Decision
 from runlora_fx.execute import RECOMPUTE_ANNOTATION, PlannedLora
 from runlora_fx.options import parse_options
+from runlora_fx.outside import Outside
 from runlora_fx.partitioned import saved_tensors
 from runlora_fx.plans import Hidden
 from runlora_fx.records import GraphReport
@@ -79,13 +80,16 @@ def assert_step_matches(eager: torch.nn.Module, model: torch.nn.Module, backend:
 
 
 @pytest.mark.parametrize("inner", ["eager", "inductor"])
-def test_checkpointed_sites_are_rewritten_and_match_eager(inner):
+def test_checkpointed_sites_are_rewritten_and_match_eager(inner, recwarn):
     eager = checkpointed_llama()
     model = twin(eager)
     backend = SubgraphPipeline(inner)
     assert_step_matches(eager, model, backend)
     assert len(backend.decisions()) == 14 and not backend.skipped()
     assert {d.chosen.plan.hidden for d in backend.decisions()} == {Hidden.RECOMPUTE}
+    # with the remedy every LoRA module is in a graph: nothing said (tests/test_coverage.py)
+    assert {(r.lora_modules, r.outside) for r in backend.reports} == {(14, Outside(14))}
+    assert not [w for w in recwarn if str(w.message).startswith("runlora")]
 
 
 def test_forward_saves_what_plain_compile_saves_with_checkpointing():

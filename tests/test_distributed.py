@@ -65,6 +65,9 @@ def _step(kind: str, rank: int) -> dict:
         "graphs": len(backend.reports),
         "sites": [s.path for r in backend.reports for d in r.decisions for s in d.sites],
         "skipped": [(s.path, s.reason) for r in backend.reports for s in r.skipped],
+        # the model's accounting (coverage.py): settled at the backward, the same in every report
+        "outside": [None if r.outside is None else (r.outside.lora_modules, list(r.outside.paths))
+                    for r in backend.reports],
     }
     for name, param in model.named_parameters():
         if param.grad is not None:
@@ -165,6 +168,8 @@ def test_ddp_gloo_two_ranks_match_the_single_process_run(ranks, single_process):
         "base_model.model.model.layers.1.self_attn.q_proj",
     ]
     assert {reason for _, reason in result["skipped"]} == {CUT_REASON}
+    # every LoRA module in a graph (the splitter hands fakes: read by their source path)
+    assert result["outside"] == [(14, [])] * 3
 
 
 def test_fsdp2_gloo_two_ranks_match_the_single_process_run(ranks, single_process):
@@ -174,3 +179,4 @@ def test_fsdp2_gloo_two_ranks_match_the_single_process_run(ranks, single_process
     print(f"\n[fsdp2] graphs {result['graphs']}, sites {len(result['sites'])}, "
           f"skipped {result['skipped']}")
     assert len(result["sites"]) == 14 and not result["skipped"]
+    assert result["outside"] == [(14, [])] * result["graphs"]

@@ -61,6 +61,9 @@ def run(build, kwargs) -> tuple[zoo.Case, zoo.Case, runlora_fx.Backend]:
     assert want and want.keys() == have.keys()
     for name in want:
         assert rel_err(have[name], want[name]) <= FP32_TOL, name
+    # every LoRA module appeared in a compiled graph (DoRA's too: part of each module is in one)
+    outside = {r.outside for r in backend.reports}
+    assert len(outside) == 1 and None not in outside and not outside.pop().paths
     return eager, compiled, backend
 
 

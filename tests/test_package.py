@@ -1,6 +1,6 @@
 """The package as installed: one top-level package, `runlora_fx`, with `passes/` inside it as
 `runlora_fx.passes`; imports that go one way (no circle; the passes use the core, and only the
-backend's top — backend.py, explainer.py — uses the passes)."""
+backend's top — backend.py, explainer.py, coverage.py — uses the passes)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import torch
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parent.parent
-TOP = ("runlora_fx.backend", "runlora_fx.explainer")  # the stages' driver and explain()
+# the stages' driver, explain(), and the model's accounting both of them call
+TOP = ("runlora_fx.backend", "runlora_fx.explainer", "runlora_fx.coverage")
 
 
 def _modules() -> dict[str, Path]:
