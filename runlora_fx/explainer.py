@@ -120,7 +120,7 @@ def explain(
     def plan_only(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         report = GraphReport.for_inputs(len(reports), example_inputs)
         try:
-            plan(working_copy(gm), report, parsed, chooser)  # as the backend; no rewrite
+            plan(working_copy(gm), report, parsed, chooser, example_inputs)  # no rewrite
         except Exception as error:  # noqa: BLE001 — as the backend: reported, not raised
             if parsed.strict:
                 raise
