@@ -55,11 +55,11 @@ class Sample:
     the merged path's, outputs × updates for PEFT's), however small W is: its noise is then
     ~0.005 (one standard deviation). The output errors, far less noisy, use `updates` updates."""
 
-    rows: int = 128  # of W's output rows
-    cols: int = 512  # of W's input columns
+    rows: int = 256  # of W's output rows
+    cols: int = 256  # of W's input columns
     inputs: int = 128  # rows of x
     updates: int = 2  # random updates E per size for the output errors
-    draws: int = 1 << 17
+    draws: int = 1 << 18
     max_updates: int = 256
 
     def updates_for(self, values: int) -> int:
