@@ -261,7 +261,8 @@ def random_base(config: dict, args: argparse.Namespace) -> nn.Module:
     return model
 
 
-def pretrained_base(config: dict, args: argparse.Namespace, corpus: Corpus) -> tuple[nn.Module, str]:
+def pretrained_base(config: dict, args: argparse.Namespace,
+                    corpus: Corpus) -> tuple[nn.Module, str]:
     """The base trained in fp32 on the first half of the training text, from the cache when a
     run with the same config, text, steps, batch and seed made it; and how it was made."""
     key = hashlib.sha256(json.dumps(

@@ -260,7 +260,8 @@ WEIGHTS: dict[str, Callable[[int, torch.Generator], Tensor]] = {
     # heavy tails, as trained weights have (std 0.02): Laplace, and Student-t with 3 dof
     "laplace": lambda d, g: _laplace(d, g) * (0.02 / 2**0.5),
     "student-t3": lambda d, g: _student_t3(d, g) * (0.02 / 3**0.5),
-    "uniform": lambda d, g: (torch.rand(d, d, generator=g, dtype=F64) * 2 - 1) / d**0.5,  # nn.Linear
+    # nn.Linear's own init: U(±1/√d)
+    "uniform": lambda d, g: (torch.rand(d, d, generator=g, dtype=F64) * 2 - 1) / d**0.5,
 }
 
 
@@ -508,7 +509,8 @@ def check_summary(rows: Rows) -> list[str]:
         "within 0.8–1.2 (± 2 standard errors); 'stricter' = the check refuses where the "
         "measurement passes, 'more lenient' = the reverse. Δ = kept − PEFT's kept.", "",
         "| kind | variant | W | points | measured pass | check pass | agree | stricter "
-        "| more lenient | Δ measured (mean) | Δ check (mean) | out ratio measured / check (worst) |",
+        "| more lenient | Δ measured (mean) | Δ check (mean) "
+        "| out ratio measured / check (worst) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     apart = []
     for (kind, name, weights), rs in group(checked, "kind", "variant", "weights").items():

@@ -25,10 +25,10 @@ from runlora_fx.budget import Budget, choose_within
 from runlora_fx.cache import default_cache_dir
 from runlora_fx.choose import Chooser, Decision
 from runlora_fx.debug import DebugOutput
-from runlora_fx.frozen_weights import Watched, WeightSource, check_units, guard, input_sources
 from runlora_fx.options import INNER_COMPILERS, Options, parse_options
 from runlora_fx.precision import Rounding
 from runlora_fx.passes.find_sites import find_sites
+from runlora_fx.passes.frozen_weights import WeightSource, check_units, input_sources
 from runlora_fx.passes.graphs import GraphPart, graph_parts, working_copy
 from runlora_fx.passes.group_sites import Unit, group_sites
 from runlora_fx.passes.lora_modules import unrecognised
@@ -37,6 +37,7 @@ from runlora_fx.passes.rewrite import rewrite_unit
 from runlora_fx.records import GraphReport
 from runlora_fx.site import LoraSite, SiteGroup, SkippedSite
 from runlora_fx.units import choose_unit
+from runlora_fx.weight_guard import Watched, guard
 
 log = logging.getLogger("runlora_fx")
 
@@ -216,8 +217,8 @@ def plan(gm: fx.GraphModule, report: GraphReport, options: Options, chooser: Cho
 
 def watched_weights(chosen: list[Chosen]) -> list[Watched]:
     """The checked W's of the sites whose chosen plan merges: their verdict must keep holding."""
-    return [Watched.of(site, source) for c in chosen if c.decision.chosen.plan.merges
-            for site, source in c.weights]
+    return [Watched.of(site, source.index, source.tensor) for c in chosen
+            if c.decision.chosen.plan.merges for site, source in c.weights]
 
 
 class Backend:

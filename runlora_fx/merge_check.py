@@ -78,8 +78,9 @@ class Figures:
     passes: bool
 
     def describe(self) -> str:
+        delta = self.kept - self.kept_peft
         return (f"at s·BA/W {self.rel:g}: output error {self.out_ratio:.3f}× PEFT's, kept share "
-                f"{self.kept:.3f} vs PEFT's {self.kept_peft:.3f} (Δ {self.kept - self.kept_peft:+.3f})")
+                f"{self.kept:.3f} vs PEFT's {self.kept_peft:.3f} (Δ {delta:+.3f})")
 
 
 @dataclass(frozen=True)

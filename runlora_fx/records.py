@@ -46,7 +46,7 @@ class GraphReport:
     stages: list[str] = field(default_factory=list)
     failure: str | None = None
     parameter_inputs: tuple[bool, ...] = ()  # per graph input: is it an nn.Parameter
-    # re-checks of a merged site's W that changed after compiling (frozen_weights.py)
+    # re-checks of a merged site's W that changed after compiling (weight_guard.py)
     merge_rechecks: list[str] = field(default_factory=list)
     forward: fx.GraphModule | None = None
     backward: fx.GraphModule | None = None

@@ -1,6 +1,6 @@
 """The merge check (runlora_fx/merge_check.py): at a 16-bit site merging is legal where the
 site's own frozen W passes the measured rule's thresholds, and the verdict follows W when W
-changes after compiling (runlora_fx/frozen_weights.py)."""
+changes after compiling (passes/frozen_weights.py, runlora_fx/weight_guard.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from peft import LoraConfig, get_peft_model
 
 import runlora_fx
 from conftest import enable_checkpointing, peft_llama
-from runlora_fx.frozen_weights import StaleMergeCheck, resolve
+from runlora_fx.passes.frozen_weights import WeightSource, resolve
+from runlora_fx.weight_guard import StaleMergeCheck
 from runlora_fx.merge_check import MergeCheck, check_site
 from runlora_fx.plans import Forward, plans_for
 from runlora_fx.precision import Rounding, precision_reason
@@ -126,7 +127,7 @@ def test_a_weight_the_graph_computes_is_not_read():
     x_node, w_node = [n for n in gm.graph.nodes if n.op == "placeholder"]
     cast = next(iter(w_node.users))
     w = torch.randn(4, 4)
-    found = {x_node: "no tensor", w_node: [runlora_fx.frozen_weights.WeightSource(1, w)]}
+    found = {x_node: "no tensor", w_node: [WeightSource(1, w)]}
     assert resolve(w_node, gm, found)[0].tensor is w
     assert "computed in the graph" in resolve(cast, gm, found)
 

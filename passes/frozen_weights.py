@@ -1,32 +1,19 @@
-"""The frozen W behind each site, for the merge check (merge_check.py): where the real tensor
-comes from, the check attached to each site before plans are chosen, and the guard that
-re-checks a W replaced after compiling.
+"""The frozen W behind each site, for the merge check (runlora_fx/merge_check.py): where the
+real tensor comes from, and the check attached to each 16-bit site before plans are chosen.
 
-Where W is read: Dynamo lifts a module's parameters to graph inputs, and the backend receives
-the real tensors for them (`example_inputs`, in placeholder order); a checkpointed region's body
-reads them as its own placeholders, fed by the outer graph's operands of
-`tag_activation_checkpoint` (recursively). A parameter Dynamo kept as a constant (`get_attr`)
-is read from the graph module. A W the graph computes (a cast, a view of something else) has no
-tensor to read: merging stays illegal there, and the reason says so.
-
-When W changes: the verdict was read from W's values at compile time. A compiled graph whose
-chosen plans merge under a check watches those W's: before each call it compares, per W, the
-tensor passed in (or held) with the one checked — identity, autograd's version counter (bumped
-by every in-place write: `load_state_dict`, `copy_`, an optimizer step) and its storage
-pointer (`param.data = …`). On a change it re-runs the check on the new W: a pass is recorded
-in the report (`merge_rechecks`) and training goes on; a refusal raises `StaleMergeCheck`,
-naming the site and the figures (recompile: `torch.compiler.reset()`, then call the model
-again). In-place writes through `.data` bypass the version counter and are not seen
-(docs/precision.md).
+Dynamo lifts a module's parameters to graph inputs, and the backend receives the real tensors
+for them (`example_inputs`, in placeholder order); a checkpointed region's body reads them as
+its own placeholders, fed by the outer graph's operands of `tag_activation_checkpoint`
+(recursively). A parameter Dynamo kept as a constant (`get_attr`) is read from the graph
+module. A W the graph computes (a cast, a view of something else) has no tensor to read:
+merging stays illegal there, and the reason says so. What happens when W changes after
+compiling: runlora_fx/weight_guard.py.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 import operator
-import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -38,10 +25,7 @@ from runlora_fx.operands import Role
 from runlora_fx.passes.graphs import REWRITABLE, GraphPart, graph_parts
 from runlora_fx.passes.group_sites import Unit
 from runlora_fx.precision import CHECKED_KINDS, Rounding, kind
-from runlora_fx.records import GraphReport
 from runlora_fx.site import LoraSite
-
-log = logging.getLogger("runlora_fx")
 
 
 @dataclass(frozen=True)
@@ -152,65 +136,3 @@ def check_units(
             members.append(match)
         out.append(tuple(members))
     return out, weights
-
-
-# ---- when W changes after compiling -------------------------------------------------------------
-
-
-class StaleMergeCheck(RuntimeError):
-    """A W that a merged plan was chosen for changed, and the check now refuses merging."""
-
-
-@dataclass
-class Watched:
-    """A checked W that a chosen merged plan runs with, as it was last checked."""
-
-    site: LoraSite
-    index: int | None
-    ref: weakref.ref
-    version: int
-    data_ptr: int
-
-    @classmethod
-    def of(cls, site: LoraSite, source: WeightSource) -> Watched:
-        t = source.tensor
-        return cls(site, source.index, weakref.ref(t), t._version, t.data_ptr())
-
-    def current(self, args: Sequence[Any]) -> torch.Tensor | None:
-        return args[self.index] if self.index is not None else self.ref()
-
-    def changed(self, t: torch.Tensor) -> bool:
-        return t is not self.ref() or t._version != self.version or t.data_ptr() != self.data_ptr
-
-
-def recheck(watched: Watched, tensor: torch.Tensor, rounding: Rounding,
-            report: GraphReport) -> None:
-    """Re-run the site's check on its new W: a pass is recorded, a refusal raises."""
-    verdict = check_site(watched.site, tensor, rounding)
-    if not verdict.legal:
-        raise StaleMergeCheck(
-            f"runlora: the frozen W of site {watched.site.path} changed after compiling, and a "
-            f"merged plan runs there: {verdict.reason}. Recompile (torch.compiler.reset(), then "
-            "call the model again): the new compile plans that site without merging")
-    note = f"{watched.site.path}: W changed after compiling; {verdict.describe()}"
-    report.merge_rechecks.append(note)
-    log.info("runlora: %s", note)
-    watched.ref, watched.version = weakref.ref(tensor), tensor._version
-    watched.data_ptr = tensor.data_ptr()
-
-
-def guard(compiled: Callable, watched: list[Watched], rounding: Rounding,
-          report: GraphReport) -> Callable:
-    """`compiled`, checking the watched W's before each call (nothing to watch: as it is)."""
-    if not watched:
-        return compiled
-
-    @functools.wraps(compiled)  # keeps its attributes: Dynamo calls it as it would `compiled`
-    def run(*args: Any) -> Any:
-        for w in watched:
-            t = w.current(args)
-            if t is not None and w.changed(t):
-                recheck(w, t, rounding, report)
-        return compiled(*args)
-
-    return run
