@@ -285,3 +285,19 @@ def test_a_write_through_data_is_not_seen():
     step(compiled, x)
     assert backend.reports[0].merge_rechecks == []
     assert backend.reports[0].decisions[0].chosen.plan.merges
+
+
+def test_without_inlined_modules_the_weight_is_read_and_watched_too():
+    """Dynamo's older mode keeps module parameters as graph attributes (get_attr)."""
+    with torch._dynamo.config.patch(inline_inbuilt_nn_modules=False):
+        model = single_linear()
+        backend = runlora_fx.Backend({"inner": "eager"})
+        compiled = torch.compile(model, backend=backend)
+        x = torch.randn(N, D, generator=torch.Generator().manual_seed(1)).to(BF16)
+        step(compiled, x)
+        [decision] = backend.reports[0].decisions
+        assert decision.chosen.plan.merges and decision.site.merge_check.figures
+        model.load_state_dict(
+            {"base_model.model.0.base_layer.weight": weight("uniform", D, D, BF16)}, strict=False)
+        with pytest.raises(StaleMergeCheck):
+            step(compiled, x)
