@@ -17,6 +17,15 @@ the very same weights (built once, then copied) and sees the same batches:
                       the setup where runlora's measured precision rule lets it merge (with
                       either rounding), compared with peft-autocast
 
+The base (--base): "random" (transformers' init, every linear ~ normal(0, 0.02): what the
+committed 300-step run used, where the variants differ by ~1.5e-3 nats of rounding noise);
+"linear-init" (every nn.Linear re-drawn by its own reset_parameters, U(±1/√d_in): the W
+distribution where runlora's merge check refuses merging); "pretrained" (the case LoRA exists
+for: the random base trained in fp32 for --pretrain_steps on the first half of the training
+text, cached under --cache_dir keyed by config, text, steps, batch and seed, then LoRA
+fine-tuned on the second half). Each runlora variant's note says what the merge check of every
+site's frozen W decided (runlora_fx/merge_check.py).
+
 Figure of merit (issue 11, "Done means"): per variant, the mean over the last 100 steps of
 |train loss - fp32's train loss on the same batch|, and its ratio to PEFT's in the same setup
 (peft-bf16's, or peft-autocast's; runlora passes at <= 1.5). Validation loss: the variant's weights, its module run eagerly under no_grad.
@@ -60,6 +69,14 @@ from torch import nn
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "llama_9m.json"
 DEFAULT_OUT = REPO / "experiments" / "results" / "convergence_cpu"
+DEFAULT_CACHE = REPO / "experiments" / ".cache"  # pretrained bases (git-ignored)
+BASES = {  # --base: the frozen weights LoRA trains on
+    "random": "random init, transformers' _init_weights (every linear ~ normal(0, 0.02))",
+    "linear-init": "random init, every nn.Linear re-drawn by its own reset_parameters "
+                   "(U(±1/√d_in), nn.Linear's init)",
+    "pretrained": "trained in fp32 on the first half of the training text, then LoRA "
+                  "fine-tuned on the second half (held apart)",
+}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VOCAB = 256  # byte-level tokens
 # runlora's options per variant (None: not compiled); --options is merged into each runlora one
@@ -93,6 +110,8 @@ NUMBERS = [  # flag, type, default, (check, what it requires), help
     ("lora_alpha", float, 16.0, FINITE, "LoRA alpha (scale alpha/r)"),
     ("lora_dropout", float, 0.0, (lambda v: 0 <= v < 1, "in [0, 1)"), "LoRA branch dropout"),
     ("seed", int, 0, ANY, "seed of the weights, the batches and each variant's run"),
+    ("pretrain_steps", int, 3000, ONE, "--base pretrained: fp32 AdamW steps that train the base"),
+    ("pretrain_lr", float, 1e-3, FINITE, "--base pretrained: their learning rate (constant)"),
     ("threads", int, 1, ONE, "torch CPU threads (1: see the module docstring)"),
     ("eval_every", int, 25, ONE, "validation loss every this many steps"),
     ("val_batches", int, 4, ONE, "validation batches (fixed windows)"),
@@ -136,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
         add(f"--{flag}", type=kind, default=default, help=text)
     add("--data_dir", default=sysconfig.get_paths()["stdlib"],
         help="folder of text (*.py, *.rst, *.txt; site-packages and tests skipped)")
+    add("--base", default="random", choices=list(BASES),
+        help="the base: " + "; ".join(f"{k}: {v}" for k, v in BASES.items()))
+    add("--cache_dir", default=str(DEFAULT_CACHE),
+        help="where --base pretrained keeps the trained base (made once, then reused)")
     add("-o", "--out", default=str(DEFAULT_OUT), help="output folder")
     return parser
 
@@ -219,13 +242,75 @@ def draw_windows(data: torch.Tensor, count: int, n_batch: int, seq_len: int,
     return data[starts + torch.arange(seq_len)]
 
 
-def build_models(config: dict, args: argparse.Namespace) -> tuple[nn.Module, nn.Module]:
-    """The fp32 PEFT model, and PEFT's default on the bf16-cast base with the same adapters."""
-    from peft import LoraConfig, get_peft_model
+def fine_tune_text(corpus: Corpus, base: str) -> torch.Tensor:
+    """The bytes LoRA trains on: all the training text, or for a pretrained base the second
+    half (the first half trained the base)."""
+    return corpus.train[len(corpus.train) // 2:] if base == "pretrained" else corpus.train
+
+
+def random_base(config: dict, args: argparse.Namespace) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(args.seed)
-    base = LlamaForCausalLM(LlamaConfig.from_dict(config))
+    model = LlamaForCausalLM(LlamaConfig.from_dict(config))
+    if args.base == "linear-init":
+        torch.manual_seed(args.seed)
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()  # kaiming-uniform: U(±1/√d_in)
+    return model
+
+
+def pretrained_base(config: dict, args: argparse.Namespace,
+                    corpus: Corpus) -> tuple[nn.Module, str]:
+    """The base trained in fp32 on the first half of the training text, from the cache when a
+    run with the same config, text, steps, batch and seed made it; and how it was made."""
+    key = hashlib.sha256(json.dumps(
+        [config, corpus.sha256, args.pretrain_steps, args.pretrain_lr, args.n_batch,
+         args.seq_len, args.seed], sort_keys=True).encode()).hexdigest()[:16]
+    path = Path(args.cache_dir).resolve() / f"pretrained_{key}.pt"
+    shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+    model = random_base(config, args)
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        model.load_state_dict(saved["state"])
+        return model, f"{saved['note']}; read from {shown}"
+    text = corpus.train[: len(corpus.train) // 2]
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    batches = draw_windows(text, args.pretrain_steps, args.n_batch, args.seq_len, gen)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr)
+    start, losses = time.perf_counter(), []
+    model.train()
+    for step, batch in enumerate(batches, start=1):
+        loss = causal_loss(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 250 == 0 or step == len(batches):
+            print(f"[pretrain] step {step}/{len(batches)} loss "
+                  f"{statistics.fmean(losses[-100:]):.4f} ({time.perf_counter() - start:.0f} s)",
+                  flush=True)
+    note = (f"pretrained in fp32: {args.pretrain_steps} AdamW steps (lr {args.pretrain_lr}, "
+            f"b {args.n_batch} x s {args.seq_len}) on the first half of the training text, "
+            f"{(time.perf_counter() - start) / 60:.1f} min, train loss "
+            f"{statistics.fmean(losses[:100]):.3f} -> {statistics.fmean(losses[-100:]):.3f}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state": model.state_dict(), "note": note}, path)
+    return model, f"{note}; cached at {shown}"
+
+
+def make_base(config: dict, args: argparse.Namespace, corpus: Corpus) -> tuple[nn.Module, str]:
+    """The frozen base LoRA trains on (--base), and how it was made."""
+    if args.base == "pretrained":
+        return pretrained_base(config, args, corpus)
+    return random_base(config, args), BASES[args.base]
+
+
+def build_models(base: nn.Module, args: argparse.Namespace) -> tuple[nn.Module, nn.Module]:
+    """The fp32 PEFT model, and PEFT's default on the bf16-cast base with the same adapters."""
+    from peft import LoraConfig, get_peft_model
+
     lora = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=list(TARGETS))
     torch.manual_seed(args.seed + 1)
@@ -273,6 +358,14 @@ def runlora_note(backend: object) -> str:
         return f"(runlora's report could not be read: {type(err).__name__}: {err})"
     text = f"{sum(len(d.sites) for d in decisions)} sites rewritten: " + (
         "; ".join(f"{n}x {plan}" for plan, n in plans.most_common()) or "none")
+    checks = [s.merge_check for d in decisions for s in d.sites if s.merge_check is not None]
+    if checks:
+        refused = Counter(c.reason.split(": at ")[0] for c in checks if not c.legal)
+        worst = min((f.kept - f.kept_peft for c in checks for f in c.figures), default=math.nan)
+        text += (f"; merge check of the frozen W ({checks[0].rounding}): "
+                 f"{sum(c.legal for c in checks)} of {len(checks)} sites may merge, worst kept "
+                 f"share vs PEFT's {worst:+.3f}")
+        text += "".join(f"; refused {n}x: {why}" for why, n in refused.most_common())
     text += "".join(f"; skipped {n}x: {why}" for why, n in skipped.most_common())
     return text + "".join(f"; FELL BACK to plain torch.compile: {f}" for f in failures)
 
@@ -372,6 +465,7 @@ def summary(curves: list[Curve], corpus: Corpus, args: argparse.Namespace, wall_
         f"LoRA r {args.lora_r} alpha {args.lora_alpha} dropout {args.lora_dropout} on "
         f"{', '.join(TARGETS)}; config {Path(args.config).name} (vocab 256), seed {args.seed}; "
         f"runlora --options {json.dumps(args.options)}. Total {wall_s / 60:.1f} min.", "",
+        f"Base (--base {args.base}): {getattr(args, 'base_note', BASES[args.base])}.", "",
         f"| variant | mean \\|loss - fp32\\| (last {n}) | ratio to PEFT's (same setup) | "
         f"<= {PASS_RATIO}x | train loss (last {n}) | final val loss | s/step (median) | "
         "first step s |",
@@ -431,11 +525,15 @@ def run(args: argparse.Namespace) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     corpus = load_corpus(Path(args.data_dir), args.val_fraction)
     gen = torch.Generator().manual_seed(args.seed)
-    batches = draw_windows(corpus.train, args.steps, args.n_batch, args.seq_len, gen)
+    batches = draw_windows(fine_tune_text(corpus, args.base), args.steps, args.n_batch,
+                           args.seq_len, gen)
     gen = torch.Generator().manual_seed(args.seed + 1)  # the same windows for any --steps
     val = draw_windows(corpus.val, args.val_batches, args.n_batch, args.seq_len, gen)
     print(f"text: {corpus.files} files, {len(corpus.train)} + {len(corpus.val)} bytes", flush=True)
-    fp32, bf16 = build_models(args.model_config, args)
+    base, args.base_note = make_base(args.model_config, args, corpus)
+    print(f"base: {args.base_note}", flush=True)
+    fp32, bf16 = build_models(base, args)
+    del base
     curves: list[Curve] = []
     try:
         for name in args.variants:

@@ -79,7 +79,7 @@ class Point:
     n: int
     r: int
     rel: float
-    weights: str = "normal"  # W's distribution: "normal" (trained-like) or "uniform" (nn.Linear)
+    weights: str = "normal"  # W's distribution, one of WEIGHTS
 
 
 Result = tuple[Tensor, Tensor, Tensor, Tensor]  # y, dx, dA, dB in the kind's dtypes
@@ -253,14 +253,38 @@ def point_seed(p: Point, seed: int) -> int:
     return seed * 1_000_003 + p.d * 10_007 + p.n * 101 + p.r  # the same at every rel
 
 
+# W's distributions (--weights): each draws d×d fp64 values from a generator
+WEIGHTS: dict[str, Callable[[int, torch.Generator], Tensor]] = {
+    "normal": lambda d, g: torch.randn(d, d, generator=g, dtype=F64) / d**0.5,  # N(0, 1/d)
+    "normal-0.02": lambda d, g: torch.randn(d, d, generator=g, dtype=F64) * 0.02,  # transformers
+    # heavy tails, as trained weights have (std 0.02): Laplace, and Student-t with 3 dof
+    "laplace": lambda d, g: _laplace(d, g) * (0.02 / 2**0.5),
+    "student-t3": lambda d, g: _student_t3(d, g) * (0.02 / 3**0.5),
+    # nn.Linear's own init: U(±1/√d)
+    "uniform": lambda d, g: (torch.rand(d, d, generator=g, dtype=F64) * 2 - 1) / d**0.5,
+}
+
+
+def _laplace(d: int, g: torch.Generator) -> Tensor:
+    """Laplace(0, 1): the difference of two unit exponentials."""
+    e = -torch.rand(2, d, d, generator=g, dtype=F64).clamp_min(1e-300).log()
+    return e[0] - e[1]
+
+
+def _student_t3(d: int, g: torch.Generator) -> Tensor:
+    """Student-t with 3 degrees of freedom: z / sqrt(chi²₃ / 3)."""
+    z = torch.randn(4, d, d, generator=g, dtype=F64)
+    return z[0] / (z[1:].square().sum(0) / 3).sqrt()
+
+
 def master(p: Point, s: float, seed: int) -> tuple[Tensor, ...]:
     """fp64 x, W, A, B, dy of a point; B scaled so that mean|s·B·A| = rel·mean|W|."""
     g = torch.Generator().manual_seed(point_seed(p, seed))
     d = p.d
     x = torch.randn(p.n, d, generator=g, dtype=F64)
     W = torch.randn(d, d, generator=g, dtype=F64) / d**0.5
-    if p.weights == "uniform":  # nn.Linear's own init: U(±1/√d)
-        W = (torch.rand(d, d, generator=g, dtype=F64) * 2 - 1) / d**0.5
+    if p.weights != "normal":  # drawn after the normal one: x and the normal W stay as they were
+        W = WEIGHTS[p.weights](d, g)
     A = (torch.rand(p.r, d, generator=g, dtype=F64) * 2 - 1) / d**0.5
     B = torch.randn(d, p.r, generator=g, dtype=F64)
     dy = torch.randn(p.n, d, generator=g, dtype=F64)
@@ -363,8 +387,31 @@ def run_point(p: Point, kinds: Sequence[Kind], names: Sequence[str], s: float,
         for name in names:
             rows.append({"kind": kind.name, "variant": name, "weights": p.weights, "d": p.d,
                          "n": p.n, "r": p.r, "rel": p.rel, "rel_stored": rel_stored, **found[name],
-                         **judge(found[name], found[BASELINE]), "seconds": seconds[name]})
+                         **judge(found[name], found[BASELINE]), "seconds": seconds[name],
+                         **merge_check_estimate(name, kind, W, p, s)})
     return rows
+
+
+CHECKED = ("bf16", "fp16", "bf16-peft", "fp16-peft")  # precision.CHECKED_KINDS
+CHECK_COLUMNS = ("check_out_ratio", "check_kept", "check_kept_peft", "check_pass")
+
+
+def merge_check_estimate(variant: str, kind: Kind, W: Tensor, p: Point,
+                         s: float) -> dict[str, Any]:
+    """What runlora's merge check (runlora_fx/merge_check.py) estimates from this W alone at
+    the point's rel, for a merged variant on a kind it checks; blanks otherwise."""
+    rounding = variant.removeprefix("runlora:").removeprefix("merged-")
+    if kind.name not in CHECKED or rounding not in ("nearest", "stochastic") \
+            or not variant.removeprefix("runlora:").startswith("merged-"):
+        return dict.fromkeys(CHECK_COLUMNS, "")
+    from precision_plans import site_of
+    from runlora_fx.merge_check import estimate
+    from runlora_fx.precision import Rounding
+
+    site = site_of(kind, p.n, p.d, p.r, s)
+    [f] = estimate(W, site, Rounding(rounding), rels=(p.rel,))
+    return {"check_out_ratio": f.out_ratio, "check_kept": f.kept, "check_kept_peft": f.kept_peft,
+            "check_pass": f.passes}
 
 
 def fmt(v: Any) -> str:
@@ -395,15 +442,15 @@ def summary(rows: Rows, command: str, seconds: float) -> str:
         "and where; for kept share, the point where Δ = kept − PEFT's kept (paired, ± 2 standard "
         "errors) is most surely negative. 'noise' = points failing only on kept share, by less "
         "than 2 standard errors.",
-        "", "| kind | variant | passes | noise | out ratio | kept Δ ±2se | dx ratio "
-        "| dA ratio | dB ratio |", "|---|---|---|---|---|---|---|---|---|"]
-    for (kind, name), rs in group(rows, "kind", "variant").items():
+        "", "| kind | variant | W | passes | noise | out ratio | kept Δ ±2se | dx ratio "
+        "| dA ratio | dB ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (kind, name, weights), rs in group(rows, "kind", "variant", "weights").items():
         if name == BASELINE:
             continue
         worst = {m: max(rs, key=lambda r, m=m: r[f"{m}_ratio"]) for m in METRICS if m != "kept"}
         ratio = {m: f"{w[m + '_ratio']:.3f} at {where(w)}" for m, w in worst.items()}
         w = min(rs, key=lambda r: r["kept_delta"] + 2 * r["kept_delta_se"])
-        cells = [kind, name, f"{sum(r['pass'] for r in rs)}/{len(rs)}",
+        cells = [kind, name, weights, f"{sum(r['pass'] for r in rs)}/{len(rs)}",
                  str(sum(r["kept_fail_within_noise"] for r in rs)), ratio["out_err"],
                  f"{w['kept_delta']:+.3f} ±{2 * w['kept_delta_se']:.3f} at {where(w)}",
                  ratio["dx_err"], ratio["dA_err"], ratio["dB_err"]]
@@ -412,9 +459,9 @@ def summary(rows: Rows, command: str, seconds: float) -> str:
     lines += ["", "By rel: PEFT's output error (peft rows) or the variant's worst ratio to it "
               "(others); mean kept share ± its standard error [the same for kept_cv, the "
               "lower-noise estimate from the adapter-disabled output].", "",
-              "| kind | variant | " + " | ".join(f"rel {r:g}" for r in rels) + " |",
-              "|---|---|" + "---|" * len(rels)]
-    for (kind, name), rs in group(rows, "kind", "variant").items():
+              "| kind | variant | W | " + " | ".join(f"rel {r:g}" for r in rels) + " |",
+              "|---|---|---|" + "---|" * len(rels)]
+    for (kind, name, weights), rs in group(rows, "kind", "variant", "weights").items():
         per = group(rs, "rel")
         cells = []
         for rel in rels:
@@ -425,8 +472,72 @@ def summary(rows: Rows, command: str, seconds: float) -> str:
                    else f"×{max(r['out_err_ratio'] for r in g):.3f}")
             cells.append(f"{out} · {mean('kept'):.3f} ±{se('kept_se'):.3f} [{mean('kept_cv'):.3f}"
                          f" ±{se('kept_cv_se'):.3f}]" if g else "")
-        lines.append(f"| {kind} | {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        lines.append(f"| {kind} | {name} | {weights} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + check_summary(rows)) + "\n"
+
+
+def meets_check_rule(row: dict[str, Any]) -> bool:
+    """The measured row judged by the rule the check applies: the rule above for nearest
+    rounding; for stochastic rounding (the user's choice of unbiased rounding at some noise)
+    output error ≤ 1.5× PEFT's and a kept share within 0.8–1.2 (± 2 standard errors), with
+    the gradients' bound as above."""
+    if not row["variant"].endswith("stochastic"):
+        return bool(row["pass"] or row["kept_fail_within_noise"])
+    from runlora_fx.merge_check import OUT_BOUND as BOUNDS, STOCHASTIC_KEPT
+    from runlora_fx.precision import Rounding
+
+    low, high = STOCHASTIC_KEPT
+    slack = 2 * row["kept_se"]
+    grads = all(row[f"{m}_ratio"] <= GRAD_BOUND for m in ("dx_err", "dA_err", "dB_err"))
+    return (grads and row["out_err_ratio"] <= BOUNDS[Rounding.STOCHASTIC]
+            and low - slack <= row["kept"] <= high + slack)
+
+
+def check_summary(rows: Rows) -> list[str]:
+    """runlora's merge check (its estimate from W alone, at each point's rel) against the full
+    measurement: where they agree, and every point where they do not."""
+    checked = [r for r in rows if r.get("check_pass", "") != ""]
+    if not checked:
+        return []
+    lines = [
+        "", "## The merge check against the full measurement", "",
+        "The check (runlora_fx/merge_check.py) estimates, from the stored W alone, the merged "
+        "plan's output error ratio and kept share and PEFT's kept share; here at each point's "
+        "rel. 'measured' = the check's rule applied to the full measurement: for nearest "
+        "rounding the rule above (a miss within 2 standard errors of the kept-share slack "
+        "counts as a pass), for stochastic rounding output error ≤ 1.5× PEFT's and kept share "
+        "within 0.8–1.2 (± 2 standard errors); 'stricter' = the check refuses where the "
+        "measurement passes, 'more lenient' = the reverse. Δ = kept − PEFT's kept.", "",
+        "| kind | variant | W | points | measured pass | check pass | agree | stricter "
+        "| more lenient | Δ measured (mean) | Δ check (mean) "
+        "| out ratio measured / check (worst) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    apart = []
+    for (kind, name, weights), rs in group(checked, "kind", "variant", "weights").items():
+        measured = [meets_check_rule(r) for r in rs]
+        check = [bool(r["check_pass"]) for r in rs]
+        mean = lambda v: sum(v) / len(v)  # noqa: E731
+        cells = [kind, name, weights, len(rs), sum(measured), sum(check),
+                 sum(a == b for a, b in zip(measured, check)),
+                 sum(b and not a for a, b in zip(check, measured)),
+                 sum(a and not b for a, b in zip(check, measured)),
+                 f"{mean([r['kept_delta'] for r in rs]):+.3f}",
+                 f"{mean([r['check_kept'] - r['check_kept_peft'] for r in rs]):+.3f}",
+                 f"{max(r['out_err_ratio'] for r in rs):.3f} / "
+                 f"{max(r['check_out_ratio'] for r in rs):.3f}"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+        apart += [(r, m) for r, m, c in zip(rs, measured, check) if m != c]
+    if apart:
+        lines += ["", "Points where they disagree (measured: out ratio, kept Δ ±2se; check: out "
+                  "ratio, kept Δ):", ""]
+        lines += [f"- {r['kind']} {r['variant']} {where(r)}: measured "
+                  f"{'pass' if m else 'fail'} ({r['out_err_ratio']:.3f}, "
+                  f"{r['kept_delta']:+.3f} ±{2 * r['kept_delta_se']:.3f}); check "
+                  f"{'refuses' if m else 'passes'} ({r['check_out_ratio']:.3f}, "
+                  f"{r['check_kept'] - r['check_kept_peft']:+.3f})" for r, m in apart]
+    else:
+        lines += ["", "They agree at every point."]
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -440,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--max_nd2", type=float, default=2.0**28, help="skip N·d² above (min N kept)")
     ap.add_argument("--points", nargs="+", default=None, metavar="D:N:R:REL",
                     help="instead of the product above: e.g. 256:4096:4,64:1e-3,1e-5 (comma lists)")
-    ap.add_argument("--weights", nargs="+", default=["normal"], choices=["normal", "uniform"],
+    ap.add_argument("--weights", nargs="+", default=["normal"], choices=list(WEIGHTS),
                     help="W's distribution(s): every point is run with each")
     ap.add_argument("--scale", type=float, default=2.0, help="s = alpha/r (use a power of two)")
     ap.add_argument("--seed", type=int, default=0)

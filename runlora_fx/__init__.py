@@ -5,12 +5,14 @@ from runlora_fx.backend import Backend, runlora
 from runlora_fx.choose import CRITERIA, Candidate, Chooser, Decision, choose
 from runlora_fx.cost import Cost, cost_of
 from runlora_fx.explainer import Explanation, explain
+from runlora_fx.merge_check import MergeCheck
 from runlora_fx.options import Options, parse_options
 from runlora_fx.outside import Outside
 from runlora_fx.plans import Plan, plans_for, reference_plan
 from runlora_fx.precision import Precision, Rounding
 from runlora_fx.records import GraphReport
 from runlora_fx.site import Adapter, LoraSite, SiteGroup, SkippedSite
+from runlora_fx.weight_guard import StaleMergeCheck
 
 __all__ = [
     "Adapter",
@@ -23,6 +25,7 @@ __all__ = [
     "Explanation",
     "GraphReport",
     "LoraSite",
+    "MergeCheck",
     "Options",
     "Outside",
     "Plan",
@@ -30,6 +33,7 @@ __all__ = [
     "Rounding",
     "SiteGroup",
     "SkippedSite",
+    "StaleMergeCheck",
     "choose",
     "cost_of",
     "explain",

@@ -28,15 +28,18 @@ from runlora_fx.choose import Chooser, Decision
 from runlora_fx.compat import check_torch
 from runlora_fx.debug import DebugOutput
 from runlora_fx.options import INNER_COMPILERS, Options, parse_options
+from runlora_fx.precision import Rounding
 from runlora_fx.passes.find_sites import find_sites
+from runlora_fx.passes.frozen_weights import WeightSource, check_units, input_sources
 from runlora_fx.passes.graphs import GraphPart, graph_parts, working_copy
 from runlora_fx.passes.group_sites import Unit, group_sites
 from runlora_fx.passes.lora_modules import unrecognised
 from runlora_fx.passes.recompute_tags import RecomputeTags, StageError
 from runlora_fx.passes.rewrite import rewrite_unit
 from runlora_fx.records import GraphReport
-from runlora_fx.site import SiteGroup, SkippedSite
+from runlora_fx.site import LoraSite, SiteGroup, SkippedSite
 from runlora_fx.units import choose_unit
+from runlora_fx.weight_guard import Watched, guard
 
 log = logging.getLogger("runlora_fx")
 
@@ -80,6 +83,7 @@ class Chosen:
     part: GraphPart
     members: Unit
     decision: Decision
+    weights: tuple[tuple[LoraSite, WeightSource], ...] = ()  # the checked W's its sites read
 
 
 # ---- the stages --------------------------------------------------------------------------------
@@ -193,15 +197,36 @@ def chooser_for(options: Options) -> Chooser:
                    rounding=options.rounding, fusions=options.fusions, sparse_dropout=sparse)
 
 
-def plan(gm: fx.GraphModule, report: GraphReport, options: Options,
-         chooser: Chooser) -> list[Chosen]:
-    """find then choose, into `report`: what the backend would rewrite (explain() stops here)."""
+def check_merges(found: list[Found], gm: fx.GraphModule, example_inputs: Sequence[Any],
+                 rounding: Rounding) -> dict[fx.Node, list[WeightSource]]:
+    """Attach to each 16-bit site the merge check of its own frozen W (merge_check.py), part of
+    the find stage; returns the W's read, by the site's result node."""
+    sources = input_sources(gm, example_inputs)
+    weights: dict[fx.Node, list[WeightSource]] = {}
+    for item in found:
+        item.units, read = check_units(item.units, item.part, sources, rounding)
+        weights.update(read)
+    return weights
+
+
+def plan(gm: fx.GraphModule, report: GraphReport, options: Options, chooser: Chooser,
+         example_inputs: Sequence[Any] = ()) -> list[Chosen]:
+    """find then choose, into `report`: what the backend would rewrite (explain() stops here).
+    `example_inputs` are the real tensors of gm's inputs, whose W's the merge check reads."""
     found = find(gm, report, grouping=options.fusions and options.memory_budget is None,
                  sparse_dropout=chooser.sparse_dropout)
+    weights = check_merges(found, gm, example_inputs, options.rounding)
     report.stages.append("find")
     chosen = choose(found, report, chooser, options.memory_budget)
     report.stages.append("choose")
-    return chosen
+    return [replace(c, weights=tuple((m.site, w) for m in c.members
+                                     for w in weights.get(m.root, ()))) for c in chosen]
+
+
+def watched_weights(chosen: list[Chosen]) -> list[Watched]:
+    """The checked W's of the sites whose chosen plan merges: their verdict must keep holding."""
+    return [Watched.of(site, source.index, source.tensor) for c in chosen
+            if c.decision.chosen.plan.merges for site, source in c.weights]
 
 
 class Backend:
@@ -227,13 +252,14 @@ class Backend:
         graph_debug = None
         try:
             work = working_copy(gm)  # `gm` stays as captured: the fallback compiles it
-            chosen = plan(work, report, self.options, self.chooser)
+            chosen = plan(work, report, self.options, self.chooser, example_inputs)
             graph_debug = self.debug.start(report, work)  # log lines; sites.json, report.md
             rewrite(chosen)
             report.stages.append("rewrite")
             graph_debug.rewritten(work)
             compiled = compile(work, example_inputs, self.options, self.mode, report)
             report.stages += ["tag", "compile"]
+            compiled = guard(compiled, watched_weights(chosen), self.options.rounding, report)
         except Exception as error:  # noqa: BLE001 — contained: plain compile takes over
             if self.options.strict:
                 raise

@@ -134,7 +134,7 @@ def explain(
         except Exception as error:  # noqa: BLE001 — as the backend: never fails the trace
             coverage.contained(parsed.strict, "recording a graph", error)
         try:
-            plan(working_copy(gm), report, parsed, chooser)  # as the backend; no rewrite
+            plan(working_copy(gm), report, parsed, chooser, example_inputs)  # no rewrite
         except Exception as error:  # noqa: BLE001 — as the backend: reported, not raised
             if parsed.strict:
                 raise

@@ -95,6 +95,13 @@ RULE: dict[tuple[str, str], Verdict] = {
 }
 
 
+# Kinds whose merged verdict depends on W (its spread against the output's, above): where the
+# backend read the site's W (site.merge_check, merge_check.py), that check decides merging
+# there; RULE's verdict stands for sites that were not checked. Under autocast W is fp32, off
+# the 16-bit grid, and the measured verdict holds for any W.
+CHECKED_KINDS = ("bf16", "fp16", "bf16-peft", "fp16-peft")
+
+
 def feature_names(merges: bool, rounding: Rounding | None, branch: Precision | None,
                   sparse_dropout: bool = False) -> list[str]:
     found = []
@@ -118,6 +125,12 @@ def precision_reason(
     if sparse_dropout and all(a.reads_base_input for a in site.adapters):
         sparse_dropout = False  # this member has no dropout branch: nothing is corrected
     for feature in feature_names(merges, rounding, branch, sparse_dropout):
+        if feature.startswith("merged-") and site_kind in CHECKED_KINDS \
+                and site.merge_check is not None and rounding is not None:
+            refusal = site.merge_check.refusal(rounding)
+            if refusal is not None:
+                return f"{feature} on a {site_kind} site: {refusal}"
+            continue  # the site's own W passed: the check decides, not the grid's worst W
         verdict = RULE.get((site_kind, feature))
         if verdict is None:
             return f"{feature} on a {site_kind} site was not measured (precision_exp.py)"
@@ -129,16 +142,19 @@ def precision_reason(
 # ---- rounding ----------------------------------------------------------------------------------
 
 
-def stochastic_round(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def stochastic_round(
+    value: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Round fp32 `value` to bf16/fp16 up or down with probability by distance (unbiased).
 
     bf16: add 16 uniformly random low bits to the fp32 bit pattern and truncate them. fp16 (a
     different exponent range): draw u ~ U[0, 1) and round down at the fp16 grid point below
-    value + u·ulp. Random bits come from torch's generator, so seeded runs reproduce.
+    value + u·ulp. Random bits come from `generator`, else torch's, so seeded runs reproduce.
     """
     value = value.float()
     if dtype == torch.bfloat16:
-        noise = torch.randint(0, 1 << 16, value.shape, dtype=torch.int32, device=value.device)
+        noise = torch.randint(0, 1 << 16, value.shape, dtype=torch.int32, device=value.device,
+                              generator=generator)
         bits = (value.view(torch.int32) + noise) & -65536  # clear the low 16 bits
         return bits.view(torch.float32).to(torch.bfloat16)
     if dtype == torch.float16:
@@ -147,7 +163,8 @@ def stochastic_round(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             down, torch.full_like(down, float("-inf"))), down)
         up = torch.nextafter(down, torch.full_like(down, float("inf")))
         gap = (up.float() - down.float()).clamp_min(torch.finfo(torch.float32).tiny)
-        take_up = torch.rand(value.shape, device=value.device) * gap < value - down.float()
+        take_up = torch.rand(value.shape, device=value.device,
+                             generator=generator) * gap < value - down.float()
         return torch.where(take_up, up, down)
     return value.to(dtype)
 

@@ -55,6 +55,8 @@ class GraphReport:
     stages: list[str] = field(default_factory=list)
     failure: str | None = None
     parameter_inputs: tuple[bool, ...] = ()  # per graph input: is it an nn.Parameter
+    # re-checks of a merged site's W that changed after compiling (weight_guard.py)
+    merge_rechecks: list[str] = field(default_factory=list)
     forward: fx.GraphModule | None = None
     backward: fx.GraphModule | None = None
     # called as f("forward" | "backward", gm) when a partitioned graph arrives (the debug dump)
@@ -125,6 +127,8 @@ def site_fields(site: LoraSite) -> Record:
     record["base"] = site.base.name
     if site.base_op is None:
         del record["base_op"]
+    if site.merge_check is None:  # not a 16-bit site whose merging depends on W
+        del record["merge_check"]
     return record
 
 
@@ -352,6 +356,7 @@ def render(doc: Mapping[str, Any], title: str | None = None) -> str:
         header = with_graph({"graph": "graph"}, list(SITE_HEADER))
         rows = [with_graph(s, _site_row(i, s)) for i, s in enumerate(doc["sites"])]
         lines += ["", *_table(header, rows)]
+    lines += _merge_checks(doc["sites"])
     if doc["skipped"]:
         header = with_graph({"graph": "graph"}, ["#", "site", "reason"])
         rows = [with_graph(s, [i, s["path"], s["reason"]]) for i, s in enumerate(doc["skipped"])]
@@ -364,6 +369,22 @@ def render(doc: Mapping[str, Any], title: str | None = None) -> str:
     lines += ["", "Totals over the rewritten sites:", ""]
     lines += _table(["", "PEFT order", "chosen", "change"], totals_rows)
     return "\n".join(lines) + "\n"
+
+
+def _merge_checks(sites: Sequence[Record]) -> list[str]:
+    """How many 16-bit sites the merge check of their own W let merge, and why it refused the
+    others (merge_check.py)."""
+    checked = [m for s in sites for m in s.get("members", [s]) if "merge_check" in m]
+    if not checked:
+        return []
+    refused = [m for m in checked if not m["merge_check"]["legal"]]
+    rounding = sorted({m["merge_check"]["rounding"] for m in checked})
+    lines = ["", f"Merge check of the frozen W (merge_rounding {', '.join(rounding)}): "
+             f"{len(checked) - len(refused)} of {len(checked)} 16-bit sites may merge."]
+    if refused:
+        rows = [[m["path"], m["merge_check"]["reason"]] for m in refused]
+        lines += ["", *_table(["site", "why merging is refused"], rows)]
+    return lines
 
 
 def summary_line(doc: Mapping[str, Any]) -> str:

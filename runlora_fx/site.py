@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from runlora_fx.merge_check import MergeCheck
 
 
 class WeightLayout(enum.Enum):
@@ -67,6 +71,9 @@ class LoraSite:
     weight_layout: WeightLayout = WeightLayout.OUT_IN
     base: Base = Base.LINEAR
     base_op: str | None = None  # an opaque base's op, as the report names it
+    # the verdict on merged plans read from the site's own frozen W (merge_check.py); None:
+    # not checked, and the measured rule (precision.RULE) decides alone
+    merge_check: MergeCheck | None = None
 
     @property
     def elt_bytes(self) -> int:

@@ -1,0 +1,139 @@
+"""The frozen W behind each site, for the merge check (runlora_fx/merge_check.py): where the
+real tensor comes from, and the check attached to each 16-bit site before plans are chosen.
+
+Dynamo lifts a module's parameters to graph inputs, and the backend receives the real tensors
+for them (`example_inputs`, in placeholder order); a checkpointed region's body reads them as
+its own placeholders, fed by the outer graph's operands of `tag_activation_checkpoint`
+(recursively). A parameter Dynamo kept as a constant (`get_attr`) is read from the graph
+module. A W the graph computes (a cast, a view of something else) has no tensor to read:
+merging stays illegal there, and the reason says so. What happens when W changes after
+compiling: runlora_fx/weight_guard.py.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from runlora_fx.merge_check import MergeCheck, check_site, not_run
+from runlora_fx.operands import Role
+from runlora_fx.passes.graphs import REWRITABLE, GraphPart, graph_parts
+from runlora_fx.passes.group_sites import Unit
+from runlora_fx.precision import CHECKED_KINDS, Rounding, kind
+from runlora_fx.site import Base, LoraSite
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """Where a site's W comes from at run time."""
+
+    index: int | None  # the top-level graph input it is passed as; None: a graph constant
+    tensor: torch.Tensor  # the real tensor, as it was when the backend was called
+
+
+Sources = list[WeightSource] | str  # the W's a node may be (a body has callers), or why none
+
+
+def input_sources(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[fx.Node, Sources]:
+    """For every placeholder of `gm` and of the rewritable bodies it calls: the real tensors it
+    may hold at run time."""
+    found: dict[fx.Node, Sources] = {}
+    parts = graph_parts(gm)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, node in enumerate(placeholders):
+        value = example_inputs[i] if i < len(example_inputs) else None
+        found[node] = ([WeightSource(i, value)] if isinstance(value, torch.Tensor)
+                       else f"graph input {node.name} is not a tensor")
+    for part in parts:  # parents come before their bodies
+        for call in part.module.graph.nodes:
+            if not (call.op == "call_function" and call.args
+                    and isinstance(call.target, torch._ops.HigherOrderOperator)
+                    and call.target.name() in REWRITABLE):
+                continue
+            body = _body(part.module, call.args[0])
+            if body is None:
+                continue
+            inner = [n for n in body.graph.nodes if n.op == "placeholder"]
+            for node, outer in zip(inner, call.args[1:]):
+                _merge(found, node, resolve(outer, part.module, found))
+    return found
+
+
+def _body(module: fx.GraphModule, node: object) -> fx.GraphModule | None:
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return None
+    body = getattr(module, str(node.target), None)
+    return body if isinstance(body, fx.GraphModule) else None
+
+
+def _merge(found: dict[fx.Node, Sources], node: fx.Node, more: Sources) -> None:
+    """A body's placeholder fed by several calls holds each caller's tensor in turn."""
+    old = found.get(node)
+    if old is None or isinstance(more, str):
+        found[node] = more if old is None or isinstance(old, list) else old
+    elif isinstance(old, list):
+        found[node] = old + [s for s in more if all(s.tensor is not o.tensor for o in old)]
+
+
+def resolve(node: object, module: fx.GraphModule, found: dict[fx.Node, Sources]) -> Sources:
+    """The real tensors behind `node` (a weight node of `module`'s graph), or why there are none."""
+    if not isinstance(node, fx.Node):
+        return "W is not a graph value"
+    if node.op == "placeholder":
+        return found.get(node, f"the graph input {node.name} has no known tensor")
+    if node.op == "get_attr":
+        try:
+            value = operator.attrgetter(str(node.target))(module)
+        except AttributeError:
+            return f"the graph constant {node.target} cannot be read"
+        if isinstance(value, torch.Tensor):
+            return [WeightSource(None, value)]
+        return f"the graph constant {node.target} is not a tensor"
+    return f"W is computed in the graph ({node.name}), not read from a parameter"
+
+
+def needs_check(site: LoraSite) -> bool:
+    """A 16-bit site whose merged verdict depends on W (precision.CHECKED_KINDS): its W is a
+    tensor a plan may add to (dropout branches too: sparse dropout merges)."""
+    return site.base is Base.LINEAR and kind(site) in CHECKED_KINDS
+
+
+def combined(checks: list[MergeCheck]) -> MergeCheck:
+    """One verdict for a site whose body runs with several W's: each must pass."""
+    refused = [c for c in checks if not c.legal]
+    if not refused:
+        return checks[0]
+    first = refused[0]
+    if len(checks) == 1:
+        return first
+    return replace(first, reason=f"{first.reason} (for {len(refused)} of the {len(checks)} "
+                                 "weights this checkpointed region runs with)")
+
+
+def check_units(
+    units: list[Unit], part: GraphPart, found: dict[fx.Node, Sources], rounding: Rounding
+) -> tuple[list[Unit], dict[fx.Node, list[WeightSource]]]:
+    """The units with each checked site's verdict attached, and the W's each checked site read
+    (by the site's result node)."""
+    weights: dict[fx.Node, list[WeightSource]] = {}
+    out = []
+    for unit in units:
+        members = []
+        for match in unit:
+            site = match.site
+            if needs_check(site):
+                sources = resolve(match.nodes.get((Role.WEIGHT, None)), part.module, found)
+                if isinstance(sources, str):
+                    verdict = not_run(rounding, sources)
+                else:
+                    verdict = combined([check_site(site, s.tensor, rounding) for s in sources])
+                    weights[match.root] = sources
+                match = replace(match, site=replace(site, merge_check=verdict))
+            members.append(match)
+        out.append(tuple(members))
+    return out, weights
