@@ -159,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the base: " + "; ".join(f"{k}: {v}" for k, v in BASES.items()))
     add("--cache_dir", default=str(DEFAULT_CACHE),
         help="where --base pretrained keeps the trained base (made once, then reused)")
+    add("--dropout", dest="lora_dropout", type=float, default=argparse.SUPPRESS,
+        help="the same as --lora_dropout")
+    add("--seeds", nargs="+", type=int, default=None, metavar="SEED",
+        help="run once per seed (each into OUT/seed<k>) and compare the variants' mean train "
+             "loss over the last 100 steps across seeds (seeds_summary.md): with dropout the "
+             "masks differ between implementations, so runlora passes when its mean is within "
+             "one seed standard deviation of PEFT's")
     add("-o", "--out", default=str(DEFAULT_OUT), help="output folder")
     return parser
 
@@ -553,13 +560,52 @@ def run(args: argparse.Namespace) -> Path:
     return out
 
 
+def seeds_summary(args: argparse.Namespace, outs: dict[int, Path]) -> str:
+    """Per variant the mean train loss over the last steps of each seed's run; a runlora
+    variant passes where its mean over seeds is within one seed sd of its PEFT baseline's."""
+    means: dict[str, dict[int, float]] = {}
+    for seed, out in outs.items():
+        with open(out / "curves.csv") as f:
+            rows = list(csv.DictReader(f))
+        for name in args.variants:
+            losses = [float(r["train_loss"]) for r in rows if r["variant"] == name]
+            means.setdefault(name, {})[seed] = statistics.fmean(losses[-LAST:])
+    lines = [f"# Mean train loss over the last {LAST} steps, per seed", "",
+             f"`{args.command}`; LoRA dropout {args.lora_dropout}.", "",
+             "| variant | " + " | ".join(f"seed {k}" for k in outs) + " | mean | sd | vs baseline |",
+             "|---|" + "---|" * (len(outs) + 3)]
+    for name, per in means.items():
+        values = list(per.values())
+        mean, sd = statistics.fmean(values), statistics.stdev(values)
+        verdict = ""
+        if VARIANTS[name] is not None:
+            base = list(means[baseline_of(name)].values())
+            gap, base_sd = abs(mean - statistics.fmean(base)), statistics.stdev(base)
+            verdict = (f"|Δ| {gap:.4f} {'≤' if gap <= base_sd else '>'} {baseline_of(name)}'s "
+                       f"sd {base_sd:.4f}: {'pass' if gap <= base_sd else 'FAIL'}")
+        lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in values)
+                     + f" | {mean:.4f} | {sd:.4f} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     args.variants = [REFERENCE] + [v for v in args.variants if v != REFERENCE]
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return run(args)
+        if not args.seeds:
+            return run(args)
+        if len(args.seeds) < 2:
+            raise SystemExit("--seeds needs two seeds at least (a standard deviation)")
+        root, outs = Path(args.out), {}
+        for seed in args.seeds:
+            args.seed, args.out = seed, str(root / f"seed{seed}")
+            outs[seed] = run(args)
+        text = seeds_summary(args, outs)
+        (root / "seeds_summary.md").write_text(text)
+        print(text, flush=True)
+        return root
     finally:
         torch.set_num_threads(threads)
 

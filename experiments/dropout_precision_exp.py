@@ -67,7 +67,8 @@ def keep_mask(plan: Plan, site: LoraSite) -> Tensor:
     numel = site.n * site.d_in
     with torch.random.fork_rng():
         torch.manual_seed(SEED)
-        seeds = {s.out: draw_seed() for s in planned.program.forward if s.op == "seed"}
+        seeds = {s.out: draw_seed(torch.empty(0), s.out)
+                 for s in planned.program.forward if s.op == "seed"}
     [step] = [s for s in planned.program.forward if s.op == "positions"]
     buffer = dropped_positions(seeds[step.args[0]], numel, step.p, capacity(numel, step.p),
                                torch.device("cpu"))

@@ -130,11 +130,6 @@ def fill_buffer(generator: torch.Generator, numel: int, p: float, slots: int, ba
             return _buffer_of(positions, numel, slots)
 
 
-def draw_seed() -> Tensor:
-    """A seed from torch's generator (on the CPU: reading it never waits for a device)."""
-    return torch.randint(0, SEED_HIGH, (), dtype=torch.int64)
-
-
 def wide_dtype(dtype: torch.dtype) -> torch.dtype:
     """What the products with S accumulate in: at least fp32."""
     return torch.promote_types(dtype, torch.float32)
@@ -148,6 +143,13 @@ def wide_dtype(dtype: torch.dtype) -> torch.dtype:
 # so no N×d copy is made (the program never hands them a tensor anything else reads).
 
 _OPS = torch.library.Library("runlora", "DEF")
+# A random op of its own, not aten.randint: Inductor rewrites that into its seeded prims, whose
+# eager versions (inner="eager") ignore the seed, so a checkpointed region recomputing it would
+# drop other positions. Tagged as a random op, this one is kept by the partitioner or, where a
+# checkpoint recomputes it, replayed from the saved generator state. Its `name` (unique in the
+# graph) keeps the joint graph's CSE, which knows only aten's random ops, from merging two.
+_OPS.define("draw_seed(Tensor like, str name) -> Tensor",
+            tags=(torch.Tag.nondeterministic_seeded,))
 _OPS.define("dropped_positions(Tensor seed, SymInt numel, float p, SymInt slots, Device device)"
             " -> Tensor")
 _OPS.define("s_times_at(Tensor x, Tensor buffer, Tensor a) -> Tensor")
@@ -168,9 +170,14 @@ def _unpack(buffer: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]
     return flat, flat // width, flat % width, valid
 
 
+def _draw_seed(like: Tensor, name: str) -> Tensor:
+    """A seed from torch's generator of `like`'s device (whose state a checkpoint saves)."""
+    return torch.randint(0, SEED_HIGH, (), dtype=torch.int64, device=like.device)
+
+
 def _dropped_positions(seed: Tensor, numel: int, p: float, slots: int,
                        device: torch.device) -> Tensor:
-    """The buffer for `seed` (a 0-d int64 CPU tensor): a pure function of it."""
+    """The buffer for `seed` (a 0-d int64 tensor): a pure function of it."""
     generator = torch.Generator(device=device).manual_seed(int(seed))
     return fill_buffer(generator, numel, p, slots, first_batch(numel, p), device)
 
@@ -251,10 +258,15 @@ def _minus_dots_at_(dense: Tensor, buffer: Tensor, left: Tensor, a: Tensor,
         reference_minus_dots_at_(dense, buffer, left, a, factor)
 
 
-for _name, _impl in (("dropped_positions", _dropped_positions), ("s_times_at", _s_times_at),
+for _name, _impl in (("draw_seed", _draw_seed), ("dropped_positions", _dropped_positions), ("s_times_at", _s_times_at),
                      ("lt_times_s", _lt_times_s), ("zero_at_", _zero_at_),
                      ("minus_dots_at_", _minus_dots_at_)):
     _OPS.impl(_name, _impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("runlora::draw_seed")
+def _(like: Tensor, name: str) -> Tensor:
+    return like.new_empty((), dtype=torch.int64)
 
 
 @torch.library.register_fake("runlora::dropped_positions")
@@ -282,6 +294,7 @@ def _(dense: Tensor, buffer: Tensor, left: Tensor, a: Tensor, factor: float) -> 
     return None
 
 
+draw_seed = torch.ops.runlora.draw_seed.default
 dropped_positions = torch.ops.runlora.dropped_positions.default
 s_times_at = torch.ops.runlora.s_times_at.default
 lt_times_s = torch.ops.runlora.lt_times_s.default

@@ -50,7 +50,8 @@ static inline float load_f16(const void* p, int64_t i) { return (float)((const _
 static inline void store_f16(void* p, int64_t i, float v) { ((_Float16*)p)[i] = (_Float16)v; }
 
 /* Element (i, j) of a matrix M with row stride ld: M[i·ld + j]. X: x's / dense's type,
-   T: the LoRA operands' (A is r×d, left is N×k, both with their own row strides). */
+   T: the LoRA operands' (at = Aᵀ, d×r, and left, N×k, each with its own row stride: the inner
+   loops run along contiguous rows, so they vectorize). */
 
 /* out (N×r fp32, zeroed) += x[i, j]·A[:, j] per position p = i·d + j */
 #define S_TIMES_AT(X, T) \
@@ -59,7 +60,7 @@ void s_times_at_##X##_##T(const void* x, int64_t ldx, const int32_t* pos, int64_
     for (int64_t n = 0; n < count; n++) { \
         int64_t i = pos[n] / d, j = pos[n] % d; \
         float v = load_##X(x, i * ldx + j); float* o = out + i * r; \
-        for (int64_t c = 0; c < r; c++) o[c] += v * load_##T(a, c * lda + j); \
+        for (int64_t c = 0; c < r; c++) o[c] += v * load_##T(a, j * lda + c); \
     } \
 }
 /* out (d×k fp32, zeroed) += left[i, :]·x[i, j] per position */
@@ -85,7 +86,7 @@ void minus_dots_at_##X##_##T(void* dense, int64_t ld, int64_t d, const int32_t* 
     for (int64_t n = 0; n < count; n++) { \
         int64_t i = pos[n] / d, j = pos[n] % d; \
         float dot = 0.0f; \
-        for (int64_t c = 0; c < r; c++) dot += load_##T(left, i * ldl + c) * load_##T(a, c * lda + j); \
+        for (int64_t c = 0; c < r; c++) dot += load_##T(left, i * ldl + c) * load_##T(a, j * lda + c); \
         int64_t at = i * ld + j; \
         store_##X(dense, at, load_##X(dense, at) - factor * dot); \
     } \
@@ -128,7 +129,9 @@ def library() -> ctypes.CDLL | None:
     if compiler is None:
         log.info("runlora: no C compiler found; sparse dropout runs its torch kernels")
         return None
-    digest = hashlib.sha256((SOURCE + compiler).encode()).hexdigest()[:16]
+    flags = ["-O3", "-march=native", "-fno-signed-zeros", "-fno-trapping-math",
+             "-fassociative-math", "-shared", "-fPIC"]  # reassociation: r-long dots vectorize
+    digest = hashlib.sha256(" ".join([SOURCE, compiler, *flags]).encode()).hexdigest()[:16]
     folder = default_cache_dir() / "kernels"
     path = folder / f"sparse_dropout_{digest}.so"
     try:
@@ -138,8 +141,7 @@ def library() -> ctypes.CDLL | None:
                 source = Path(build) / "sparse_dropout.c"
                 source.write_text(SOURCE)
                 built = Path(build) / "sparse_dropout.so"
-                subprocess.run([compiler, "-O3", "-march=native", "-shared", "-fPIC",
-                                str(source), "-o", str(built)],
+                subprocess.run([compiler, *flags, str(source), "-o", str(built)],
                                check=True, capture_output=True, timeout=120)
                 os.replace(built, path)  # atomic: a concurrent builder finds it whole
         lib = ctypes.CDLL(str(path))
@@ -179,9 +181,10 @@ def s_times_at(lib: ctypes.CDLL, x: torch.Tensor, positions: torch.Tensor, count
                a: torch.Tensor) -> torch.Tensor:
     """S·Aᵀ for A (r×d): N×r fp32."""
     out = torch.zeros(x.shape[0], a.shape[0])
+    at = a.t().contiguous()  # d×r: a position's r weights side by side
     getattr(lib, _name("s_times_at", x, a))(
-        _p(x), _i(x.stride(0)), _p(positions), _i(count), _i(x.shape[1]), _p(a),
-        _i(a.stride(0)), _i(a.shape[0]), _p(out))
+        _p(x), _i(x.stride(0)), _p(positions), _i(count), _i(x.shape[1]), _p(at),
+        _i(at.stride(0)), _i(at.shape[1]), _p(out))
     return out
 
 
@@ -205,9 +208,10 @@ def zero_at_(lib: ctypes.CDLL, dense: torch.Tensor, positions: torch.Tensor,
 def minus_dots_at_(lib: ctypes.CDLL, dense: torch.Tensor, positions: torch.Tensor, count: int,
                    left: torch.Tensor, a: torch.Tensor, factor: float) -> None:
     """dense −= factor·(L·A) at every position, in place."""
+    at = a.t().contiguous()  # d×r
     getattr(lib, _name("minus_dots_at", dense, left))(
         _p(dense), _i(dense.stride(0)), _i(dense.shape[1]), _p(positions), _i(count),
-        _p(left), _i(left.stride(0)), _p(a), _i(a.stride(0)), _i(a.shape[0]),
+        _p(left), _i(left.stride(0)), _p(at), _i(at.stride(0)), _i(at.shape[1]),
         ctypes.c_float(factor))
 
 

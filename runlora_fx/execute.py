@@ -29,7 +29,7 @@ ACTIVATIONS = (ops.Role.X, ops.Role.LORA_INPUT, ops.Role.BASE_RESULT)  # N×… 
 
 
 def _apply(step: Step, env: dict[str, torch.Tensor], scales: Sequence[Scale],
-           operands: Mapping[str, Placement]) -> torch.Tensor:
+           operands: Mapping[str, Placement], tag: str) -> torch.Tensor:
     if step.op == "positions":  # reads its operand's shape and device only
         shape, device = operands[step.args[1]]
         numel = math.prod(shape)
@@ -47,7 +47,7 @@ def _apply(step: Step, env: dict[str, torch.Tensor], scales: Sequence[Scale],
     if step.op == "sub":
         return args[0] - args[1]
     if step.op == "seed":
-        return dropout.draw_seed()
+        return dropout.draw_seed(args[0], f"{tag}/{step.out}")  # a name unique in the graph
     if step.op == "s_times_at":
         return dropout.s_times_at(*args)
     if step.op == "lt_times_s":
@@ -83,9 +83,9 @@ def run_steps(
     for step in steps:
         if step.recompute:
             with annotate({RECOMPUTE_ANNOTATION: tag}):
-                env[step.out] = _apply(step, env, scales, operands)
+                env[step.out] = _apply(step, env, scales, operands, tag)
         else:
-            env[step.out] = _apply(step, env, scales, operands)
+            env[step.out] = _apply(step, env, scales, operands, tag)
 
 
 class PlannedFunction(torch.autograd.Function):

@@ -162,7 +162,7 @@ def _positions(b: _Builder, plan: Plan, mem: _Member, k: int) -> str:
         if redrawn:
             b.emit(Step(name, "positions", (seed, ops.X), p=p))
         return name
-    b.emit(Step(seed, "seed", ()))
+    b.emit(Step(seed, "seed", (ops.X,)))
     return b.emit(Step(name, "positions", (seed, ops.X), p=p, recompute=redrawn))
 
 

@@ -27,7 +27,7 @@ class Step:
     copy: a contiguous copy with its own storage.
 
     Sparse dropout (dropout.py), with P the dropped positions of a site's D(x) = (x − S)/q:
-    seed: a seed from torch's generator; positions: P of a Bernoulli(`p`) mask over args[1]'s
+    seed: a seed from torch's generator of args[0]'s device; positions: P of a Bernoulli(`p`) mask over args[1]'s
     elements, from seed args[0]; s_times_at: S·Aᵀ of (x, P, A); lt_times_s: Lᵀ·S of (L, P, x);
     zero_at: args[0] with P zeroed; minus_dots_at: (dense, P, L, A) → dense − `factor`·(L·A)
     at P."""
@@ -63,9 +63,9 @@ def mm_dims(step: Step, metas: dict[str, Meta]) -> tuple[int, int, int]:
 
 def infer(step: Step, metas: dict[str, Meta]) -> Meta:
     """The shape and dtype of a step's result."""
-    if step.op == "seed":
-        return (), torch.int64
     first_shape, first_dtype = metas[step.args[0]]
+    if step.op == "seed":  # drawn on its argument's device
+        return (), torch.int64
     if step.op == "positions":  # the buffer: its slots (bounded as the cost model counts them)
         n, d = metas[step.args[1]][0]
         return (modelled_slots(n, d, step.p) + 1,), position_dtype(n * d)

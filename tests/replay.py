@@ -17,7 +17,7 @@ def replayed_positions(program: Program, seed: int, numel: int) -> dict[str, tor
     """Each positions step's result (by name) for a forward run after torch.manual_seed(seed)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        seeds = {s.out: draw_seed() for s in program.forward if s.op == "seed"}
+        seeds = {s.out: draw_seed(torch.empty(0), s.out) for s in program.forward if s.op == "seed"}
     buffers = {s.out: dropped_positions(seeds[s.args[0]], numel, s.p, capacity(numel, s.p),
                                         torch.device("cpu"))
                for s in program.forward if s.op == "positions"}

@@ -309,3 +309,29 @@ def test_the_mean_loss_over_seeds_matches_peft():
     e, r = (torch.tensor(v, dtype=torch.float64) for v in losses.values())
     se = math.sqrt(e.var() / len(e) + r.var() / len(r))
     assert e.std() > 0 and abs(e.mean() - r.mean()) < 4 * se
+
+
+def test_a_checkpointed_region_replays_its_positions():
+    """Recomputing a checkpointed body must drop the very positions its forward dropped: the
+    input grad of y = D(x) is zero exactly where y is."""
+    class Checkpointed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.probe = Probe(16, 0.3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y1, y2 = torch.utils.checkpoint.checkpoint(self.probe, x, use_reentrant=False)
+            return y1 + 2 * y2
+
+    backend = runlora_fx.Backend({"inner": "eager"})
+    model = torch.compile(Checkpointed(), backend=backend)
+    x = torch.ones(32, 16, requires_grad=True)
+    torch.manual_seed(1)
+    y = model(x)
+    y.sum().backward()
+    decisions = [d for report in backend.reports for d in report.decisions]
+    assert decisions and all(d.chosen.plan.sparse_dropout for d in decisions)
+    q = 1 - 0.3
+    # y = m1/q + 2·m2/q and dL/dx = m1/q + 2·m2/q: the same masks in both passes
+    torch.testing.assert_close(x.grad, y.detach())
+    assert (y == 0).any() and (y > 2 / q).any()

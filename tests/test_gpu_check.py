@@ -28,7 +28,7 @@ def test_an_unknown_configuration_is_refused_first(tmp_path):
     run = _run(REPO, tmp_path / "out", GPU_CHECK_RUNS="llama_7b", PYTHON="/nonexistent/python")
     assert run.returncode == 2
     assert "GPU_CHECK_RUNS='llama_7b' names no configuration" in run.stderr
-    assert "llama_60m_b64_r8 llama_250m_b58_r128 llama_1.3b_b24_r512" in run.stderr
+    assert "llama_60m_b64_r8 llama_60m_b64_r8_d005 llama_250m_b58_r128 llama_1.3b_b24_r512" in run.stderr
     assert not (tmp_path / "out").exists()
 
 
