@@ -8,7 +8,7 @@ from runlora_fx.explainer import Explanation, explain
 from runlora_fx.merge_check import MergeCheck
 from runlora_fx.options import Options, parse_options
 from runlora_fx.outside import Outside
-from runlora_fx.plans import Plan, plans_for, reference_plan
+from runlora_fx.plans import Dropout, Plan, plans_for, reference_plan
 from runlora_fx.precision import Precision, Rounding
 from runlora_fx.records import GraphReport
 from runlora_fx.site import Adapter, LoraSite, SiteGroup, SkippedSite
@@ -22,6 +22,7 @@ __all__ = [
     "Chooser",
     "Cost",
     "Decision",
+    "Dropout",
     "Explanation",
     "GraphReport",
     "LoraSite",

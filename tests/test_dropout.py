@@ -335,3 +335,25 @@ def test_a_checkpointed_region_replays_its_positions():
     # y = m1/q + 2·m2/q and dL/dx = m1/q + 2·m2/q: the same masks in both passes
     torch.testing.assert_close(x.grad, y.detach())
     assert (y == 0).any() and (y > 2 / q).any()
+
+
+def test_a_shared_dropout_keeps_the_graphs_mask():
+    """Two adapters reading one dropout's result: only the graph's mask gives both the same
+    D(x), so the site is rewritten with the graph's dropout (and never merges)."""
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.base = nn.Linear(16, 16).requires_grad_(False)
+            self.a1, self.b1 = nn.Linear(16, 2, bias=False), nn.Linear(2, 16, bias=False)
+            self.a2, self.b2 = nn.Linear(16, 3, bias=False), nn.Linear(3, 16, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            d = nn.functional.dropout(x, 0.2, self.training)
+            return self.base(x) + self.b1(self.a1(d)) + 0.5 * self.b2(self.a2(d))
+
+    backend = runlora_fx.Backend({"inner": "eager"})
+    torch.compile(Shared(), backend=backend)(torch.randn(8, 16)).sum().backward()
+    [decision] = backend.reports[0].decisions
+    assert not any(a.own_dropout for a in decision.site.adapters)
+    assert decision.chosen.plan.dropout is Dropout.GRAPH and not decision.chosen.plan.merges
+    assert all(not c.plan.sparse_dropout for c in decision.candidates)
