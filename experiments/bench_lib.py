@@ -1,8 +1,8 @@
 """The benchmark's machinery: variants, models, steps, memory probes and the interleaved timer.
 
-`model_exp.py` is the CLI; this file holds what it runs (DESIGN.md §3). Every variant trains the
-very same weights on the very same batch: one PEFT model is built and deep-copied, because PEFT
-initialises lora_A from the global RNG.
+`model_exp.py` is the CLI; this file holds what it runs (docs/benchmarks.md). Every variant
+trains the very same weights on the very same batch: one PEFT model is built and deep-copied,
+because PEFT initialises lora_A from the global RNG.
 """
 
 from __future__ import annotations
@@ -240,7 +240,8 @@ def state_storages(model: nn.Module) -> set[int]:
 def saved_activation_bytes(step: Callable[[], torch.Tensor], exclude: set[int]) -> int:
     """Bytes saved for backward in one step, deduplicated by storage, weights excluded.
 
-    `saved_tensors_hooks` sees what eager autograd and compiled regions save alike (DESIGN.md §2).
+    `saved_tensors_hooks` sees what eager autograd and compiled regions save alike
+    (docs/benchmarks.md, "How it measures").
     """
     seen: dict[int, int] = {}
 
@@ -260,7 +261,8 @@ def profiler_peak_bytes(step: Callable[[], torch.Tensor]) -> int | None:
     """Peak of CPU bytes allocated during one step, over those live before it (None: no events).
 
     torch 2.13 has no CPU allocator stats; the profiler's "[memory]" events carry every
-    allocation (+) and free (−), so the running sum's maximum is the step's peak (DESIGN.md §2).
+    allocation (+) and free (−), so the running sum's maximum is the step's peak
+    (docs/benchmarks.md, "How it measures").
     """
     from torch.profiler import ProfilerActivity, profile
 

@@ -1,6 +1,6 @@
 """Turning measured runners into the result table: rows, Markdown, CSV and a bar chart.
 
-Speedups are paired ratios (per round variant / baseline, median over rounds, DESIGN.md §3);
+Speedups are paired ratios (per round variant / baseline, median over rounds, docs/benchmarks.md);
 "LoRA overhead recovered" = (PEFT+Inductor − variant) / (PEFT+Inductor − floor), computed from
 the paired ratios against PEFT+Inductor: (1 − ρ_variant) / (1 − ρ_floor).
 """

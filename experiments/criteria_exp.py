@@ -32,10 +32,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_lib
 from bench_lib import TimeLimit, parse_device  # noqa: E402
-from runlora_fx.choose import CRITERIA, Candidate, Chooser, Decision
-from runlora_fx.measure import BUDGET_S, MAX_ROUNDS, MIN_ROUNDS, SESSIONS, time_plans
-from runlora_fx.plans import Plan, reference_plan
-from runlora_fx.site import Adapter, LoraSite
+from runlora_fx.choice.chooser import Chooser
+from runlora_fx.choice.criteria import CRITERIA, Candidate, Decision
+from runlora_fx.cost.measure import BUDGET_S, MAX_ROUNDS, MIN_ROUNDS, SESSIONS, time_plans
+from runlora_fx.ir.plans import Plan, reference_plan
+from runlora_fx.ir.site import Adapter, LoraSite, SiteGroup
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 N_VALUES = (256, 1024, 4096, 16384)
@@ -217,12 +218,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 # ---------------------------------------------------------------- measuring
 
 
-def site_for(point: Point, dropout: float, device: str) -> LoraSite:
+def site_for(point: Point, dropout: float, device: str) -> SiteGroup:
+    """The grid point's site, as the planning unit it is alone."""
     adapter = Adapter(r=point.r, dropout_p=dropout, scale=2.0, a_requires_grad=True,
                       b_requires_grad=True)
-    return LoraSite(path=f"grid/{point.label}", n=point.n, d_in=point.d_in, d_out=point.d_out,
-                    adapters=(adapter,), dtype=DTYPES[point.dtype], has_bias=False,
-                    bias_requires_grad=False, x_requires_grad=True, training=True, device=device)
+    return SiteGroup((LoraSite(
+        path=f"grid/{point.label}", n=point.n, d_in=point.d_in, d_out=point.d_out,
+        adapters=(adapter,), dtype=DTYPES[point.dtype], has_bias=False, bias_requires_grad=False,
+        x_requires_grad=True, training=True, device=device),))
 
 
 def measure_point(point: Point, choosers: dict[str, Chooser],
@@ -244,7 +247,7 @@ def measure_point(point: Point, choosers: dict[str, Chooser],
     if again is not None:
         picks[TRUTH_AGAIN] = min(again, key=again.__getitem__)
     stray = {n: p.describe() for n, p in picks.items() if p not in truth}
-    if stray:  # a criterion chose outside the eligible set: a bug in choose.py, not a result
+    if stray:  # a criterion chose outside the eligible set: a bug in the chooser, not a result
         raise RuntimeError(f"{point.label}: picks not among the eligible plans: {stray}")
     return PointResult(point, eligible, truth, again, picks, decisions)
 

@@ -3,7 +3,7 @@
 A plan with sparse dropout computes D(x)·Aᵀ as (x·Aᵀ − S·Aᵀ)/q (runlora_fx/dropout.py): the
 dense GEMM rounds x·Aᵀ, not D(x)·Aᵀ, and the corrections accumulate in fp32. Whether that is
 as precise as PEFT's dense mask is measured here with precision_exp.py's rule and metrics
-(DESIGN.md §7), per site kind and grid point, with one mask per point shared by the fp64
+(docs/precision.md), per site kind and grid point, with one mask per point shared by the fp64
 truth, PEFT (its lora_dropout replaced by that fixed mask, applied as aten's dropout applies
 one: x·m·(1/q) in x's dtype) and runlora's programs (their positions replayed from the seed
 they run under). Variants: `sparse-split` (PEFT's order, sparse dropout: what every 16-bit
@@ -32,11 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import precision_exp as pe  # noqa: E402
 from precision_plans import MERGED, REFERENCE, site_of  # noqa: E402
 
-from runlora_fx.dropout import capacity, draw_seed, dropped_positions  # noqa: E402
-from runlora_fx.execute import PlannedLora  # noqa: E402
-from runlora_fx.plans import Dropout, Plan, canonical  # noqa: E402
-from runlora_fx.precision import Rounding  # noqa: E402
-from runlora_fx.site import Adapter, LoraSite  # noqa: E402
+from runlora_fx.ir.dropout import capacity, draw_seed, dropped_positions  # noqa: E402
+from runlora_fx.ir.execute import UnitCall  # noqa: E402
+from runlora_fx.ir.plans import Dropout, Plan, canonical  # noqa: E402
+from runlora_fx.ir.rounding import Rounding  # noqa: E402
+from runlora_fx.ir.site import Adapter, LoraSite, SiteGroup  # noqa: E402
 
 PLANS = {
     "sparse-split": replace(REFERENCE, dropout=Dropout.SPARSE),
@@ -63,7 +63,8 @@ def dropout_site(kind: pe.Kind, n: int, d: int, r: int, s: float, p: float) -> L
 
 def keep_mask(plan: Plan, site: LoraSite) -> Tensor:
     """The keep mask (bool, N×d) the plan's program draws under torch.manual_seed(SEED)."""
-    planned = PlannedLora("precision", site, canonical(plan, site))
+    unit = SiteGroup((site,))
+    planned = UnitCall("precision", unit, canonical(plan, unit))
     numel = site.n * site.d_in
     with torch.random.fork_rng():
         torch.manual_seed(SEED)
@@ -106,7 +107,8 @@ def peft(x: Tensor, W: Tensor, A: Tensor, B: Tensor, s: float, dy: Tensor, kind:
 
 def runlora(plan: Plan, site: LoraSite, x: Tensor, W: Tensor, A: Tensor, B: Tensor, s: float,
             dy: Tensor) -> pe.Result:
-    planned = PlannedLora("precision", site, canonical(plan, site))
+    unit = SiteGroup((site,))
+    planned = UnitCall("precision", unit, canonical(plan, unit))
     xg, ag, bg = (t.detach().clone().requires_grad_() for t in (x, A, B))
     by_role = {"x": xg, "W": W, "A": ag, "B": bg}
     with torch.random.fork_rng():

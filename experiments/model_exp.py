@@ -1,8 +1,8 @@
 """Benchmark a LoRA training step on a Llama config: PEFT eager, PEFT + Inductor, runlora, floor.
 
-The RunLoRA paper's experiment (the seed's flags, same names and meaning), rerun as DESIGN.md §3
-says: same weights and batch for every variant, compile first (timed apart), then interleaved
-rounds until --min_run_time is spent, medians and paired ratios. With no arguments it runs the
+The RunLoRA paper's experiment (the seed's flags, same names and meaning), rerun as
+docs/benchmarks.md says: same weights and batch for every variant, compile first (timed
+apart), then interleaved rounds until --min_run_time is spent, medians and paired ratios. With no arguments it runs the
 CPU-sized default job (DEFAULT_JOB: llama_20m, all 7 target modules, r 8, fp32, b 4, s 256,
 60 s of rounds) that `make bench` runs; with any argument the seed's defaults apply.
 `--dtype bf16` (or fp16) is PEFT's default setup: the base model in bf16, get_peft_model keeping

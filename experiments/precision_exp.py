@@ -1,7 +1,7 @@
 """Numerics of 16-bit LoRA plans against PEFT's own path: the measured legality rule (issue 11.3).
 
 One LoRA linear (no bias, no dropout) per grid point and site kind, tensors stored in the kind's
-dtypes, truth in fp64 from the stored values (DESIGN.md §7). Each variant runs forward and
+dtypes, truth in fp64 from the stored values (docs/precision.md). Each variant runs forward and
 backward. Rule, per point: output error ≤ 1.25× PEFT's, kept share of the adapter effect ≥ PEFT's
 − 0.05, each of dx, dA, dB error ≤ 2× PEFT's (errors floored at 1e-7). Kept share = ⟨y − base, e⟩
 / ⟨e, e⟩ with base = x·Wᵀ, e = s·(x·Aᵀ)·Bᵀ in fp64; kept_cv = ⟨y − y0, e⟩ / ⟨e, e⟩ (y0 = PEFT's
@@ -405,8 +405,8 @@ def merge_check_estimate(variant: str, kind: Kind, W: Tensor, p: Point,
             or not variant.removeprefix("runlora:").startswith("merged-"):
         return dict.fromkeys(CHECK_COLUMNS, "")
     from precision_plans import site_of
-    from runlora_fx.merge_check import estimate
-    from runlora_fx.precision import Rounding
+    from runlora_fx.ir.merge_check import estimate
+    from runlora_fx.ir.rounding import Rounding
 
     site = site_of(kind, p.n, p.d, p.r, s)
     [f] = estimate(W, site, Rounding(rounding), rels=(p.rel,))
@@ -483,8 +483,8 @@ def meets_check_rule(row: dict[str, Any]) -> bool:
     the gradients' bound as above."""
     if not row["variant"].endswith("stochastic"):
         return bool(row["pass"] or row["kept_fail_within_noise"])
-    from runlora_fx.merge_check import OUT_BOUND as BOUNDS, STOCHASTIC_KEPT
-    from runlora_fx.precision import Rounding
+    from runlora_fx.ir.merge_check import OUT_BOUND as BOUNDS, STOCHASTIC_KEPT
+    from runlora_fx.ir.rounding import Rounding
 
     low, high = STOCHASTIC_KEPT
     slack = 2 * row["kept_se"]

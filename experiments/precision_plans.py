@@ -1,5 +1,5 @@
 """runlora's own plans as precision_exp.py variants: the programs the rewritten graph runs
-(runlora_fx.execute.PlannedLora), so the measured rule is the rule of what runs.
+(runlora_fx.execute.UnitCall), so the measured rule is the rule of what runs.
 
     python experiments/precision_exp.py --plugin precision_plans --variants peft \\
         runlora:split runlora:merged-nearest runlora:merged-stochastic runlora:branch-base …
@@ -17,11 +17,12 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from runlora_fx.execute import PlannedLora
-from runlora_fx.operands import operands
-from runlora_fx.plans import Forward, GradA, GradB, Hidden, InputGrad, Plan, canonical
-from runlora_fx.precision import Precision, Rounding
-from runlora_fx.site import Adapter, LoraSite
+from runlora_fx.ir.execute import UnitCall
+from runlora_fx.ir.operands import operands
+from runlora_fx.ir.plans import Forward, GradA, GradB, Hidden, InputGrad, Plan, canonical
+from runlora_fx.ir.precision import Precision
+from runlora_fx.ir.rounding import Rounding
+from runlora_fx.ir.site import Adapter, LoraSite, SiteGroup
 
 REFERENCE = Plan(Forward.SPLIT, InputGrad.SPLIT, GradA.VIA_DH, GradB.VIA_H, Hidden.SAVE,
                  Precision.SITE)
@@ -36,23 +37,23 @@ def site_of(kind, n: int, d: int, r: int, s: float) -> LoraSite:  # kind: precis
         path="precision", n=n, d_in=d, d_out=d,
         adapters=(Adapter(r, 0.0, s, True, True),), dtype=kind.store, has_bias=False,
         bias_requires_grad=False, x_requires_grad=True, training=True,
-        compute_dtype=base if base != kind.store else None,
+        base_dtype=base if base != kind.store else None,
         adapter_dtype=kind.adapter if kind.adapter != kind.store else None,
-        branch_dtype=kind.branch if kind.branch != base else None,
-        out_dtype=base if torch.promote_types(base, kind.branch) != base else None,
+        lora_dtype=kind.branch if kind.branch != base else None,
+        result_dtype=base if torch.promote_types(base, kind.branch) != base else None,
     )
 
 
 def run_plan(plan: Plan):
     def variant(x: Tensor, W: Tensor, A: Tensor, B: Tensor, s: float, dy: Tensor, kind,
                 gen: torch.Generator):
-        site = site_of(kind, x.shape[0], x.shape[1], A.shape[0], s)
+        unit = SiteGroup((site_of(kind, x.shape[0], x.shape[1], A.shape[0], s),))
         xg, ag, bg = (t.detach().clone().requires_grad_() for t in (x, A, B))
         by_role = {"x": xg, "W": W, "A": ag, "B": bg}
-        tensors = [by_role[op.role.value] for op in operands(site)]
+        tensors = [by_role[op.role.value] for op in operands(unit)]
         with torch.random.fork_rng():
             torch.manual_seed(gen.initial_seed())  # stochastic rounding draws from torch's RNG
-            y = PlannedLora("precision", site, canonical(plan, site))(tensors, [s])
+            y = UnitCall("precision", unit, canonical(plan, unit))(tensors, [s])
         y.backward(dy)
         return y.detach(), xg.grad, ag.grad, bg.grad
     return variant

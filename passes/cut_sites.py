@@ -16,7 +16,7 @@ from runlora_fx.passes.patterns import (
     ADD, MUL, Term, dropout_source, is_call, is_scalar, linear, strip_casts, tensor_value, term,
     value,
 )
-from runlora_fx.site import SkippedSite
+from runlora_fx.ir.site import SkippedSite
 
 CUT_REASON = (
     "the site is cut across graphs (a DDP bucket boundary or a graph break): its LoRA branch "

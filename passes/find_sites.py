@@ -17,17 +17,17 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from runlora_fx.operands import Operand, Role
+from runlora_fx.ir.compat import size_hint
+from runlora_fx.ir.operands import Operand, Role
+from runlora_fx.ir.site import Adapter, Base, LoraSite, SkippedSite, WeightLayout, dtype_name
 from runlora_fx.passes.cut_sites import cut_sites
+from runlora_fx.passes.graphs import node_order
 from runlora_fx.passes.paths import common_path
 from runlora_fx.passes.patterns import (
-    ADD, IADD, IN_PLACE, DROPOUT, Linear, Scale, Term, arg, base_linear, cast_source, dropout_p,
-    dropout_source,
-    is_call, tensor_value, term, value,
+    ADD, IADD, Linear, Scale, Term, base_linear, cast_source, dropout_p, dropout_source, is_call,
+    mutates, mutation_between, tensor_value, term, value,
 )
 from runlora_fx.passes.quantized import Opaque, opaque_base
-from runlora_fx.site import Adapter, Base, LoraSite, SkippedSite, WeightLayout
-from runlora_fx.compat import size_hint
 
 Key = tuple[Role, int | None]
 
@@ -42,7 +42,6 @@ class SiteMatch:
     nodes: dict[Key, fx.Node]  # the site's own operands by (role, adapter)
     scales: tuple[Scale, ...]
     owned: tuple[fx.Node, ...]  # replaced by the rewrite, in graph order
-    n: int | torch.SymInt  # N as the graph knows it: a SymInt when the batch is dynamic
     transposed: frozenset[Key] = frozenset()  # adapter weights stored in×out: read as `.t()`
     # the branches' own dropouts (and the casts only they read): replaced too by a plan that
     # draws its own dropped positions
@@ -99,29 +98,9 @@ def parse_site(node: fx.Node) -> tuple[fx.Node, BaseForm, list[Term], list[fx.No
 # ---- checks ------------------------------------------------------------------------------------
 
 
-def mutates(node: fx.Node) -> bool:
-    target = node.target
-    if is_call(node, DROPOUT) and arg(node, 3, "inplace", False) is not False:
-        return True
-    if node.op == "call_method":
-        return str(target).endswith("_") and not str(target).startswith("_")
-    if isinstance(target, torch._ops.OpOverload):
-        return target._schema.is_mutable
-    name = getattr(target, "__name__", "")
-    return name.endswith("_") and not name.startswith("_") or target in IN_PLACE
-
-
-def _mutation_inside(first: fx.Node, root: fx.Node, allowed: set[fx.Node]) -> fx.Node | None:
-    """An in-place op strictly between `first` and `root` in graph order, if any (the site's own
-    `+=` is allowed). The rewrite reads x, W, b and the adapters at the root, not where the old
-    nodes read them: a mutation in between — of x through a view, `x[...] = v`, a hook — would
-    change what the rewritten site sees."""
-    node = first.next
-    while node is not root and node.op != "root":
-        if mutates(node) and node not in allowed:
-            return node
-        node = node.next
-    return None
+def rows(x: torch.Tensor) -> int | torch.SymInt:
+    """N: the rows a site reads x as (all its dims but the last); a SymInt when dynamic."""
+    return math.prod(x.shape[:-1])
 
 
 def _tensor(node: object, what: str) -> torch.Tensor:
@@ -140,10 +119,6 @@ def _chain(inner: list[fx.Node], last: fx.Node, what: str) -> None:
     """Each node feeds only the next: the rewrite removes them all."""
     for node, user in zip(inner, [*inner[1:], last]):
         _only_user(node, user, what)
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # ---- the branch input --------------------------------------------------------------------------
@@ -185,8 +160,8 @@ def _check_casts(casts: tuple[fx.Node, ...], x: torch.Tensor, lora: torch.dtype)
     for cast in reversed(casts):
         to = _tensor(cast, "a cast of x").dtype
         if to.itemsize < dtype.itemsize and not (cast is casts[0] and to == lora):
-            raise Unsupported(f"the LoRA branch casts x down to {_name(to)} before its products "
-                              f"run in {_name(lora)}")
+            raise Unsupported(f"the LoRA branch casts x down to {dtype_name(to)} before its "
+                              f"products run in {dtype_name(lora)}")
         dtype = to
 
 
@@ -236,8 +211,9 @@ def _adapter(t: Term, source: BranchInput, x: torch.Tensor, d_out: int,
 
 
 def _dtypes(base: BaseForm, terms: list[Term], root: fx.Node, x: torch.Tensor,
-            w: torch.Tensor | None) -> dict[str, torch.dtype | None]:
-    """The site's dtype fields (None where a dtype is x's or follows from the others)."""
+            w: torch.Tensor | None) -> dict[str, torch.dtype]:
+    """The site's dtypes besides x's: its base product's, W's, the adapters', the LoRA
+    products' and its result's."""
     base_out = _tensor(base.node, "the base's result").dtype
     weights = [(_tensor(t.lora_a.weight, "A").dtype, _tensor(t.lora_b.weight, "B").dtype)
                for t in terms]
@@ -245,11 +221,12 @@ def _dtypes(base: BaseForm, terms: list[Term], root: fx.Node, x: torch.Tensor,
         raise Unsupported("lora_A and lora_B weights differ in dtype")
     if len({a for a, _ in weights}) != 1:  # several adapters, each in its own dtype
         raise Unsupported(f"the adapters are stored in several dtypes: "
-                          f"{sorted(_name(a) for a, _ in weights)}")
+                          f"{sorted(dtype_name(a) for a, _ in weights)}")
     lora = {_tensor(t.lora_a.node, "h").dtype for t in terms}
     lora |= {_tensor(t.product_end, "a LoRA term").dtype for t in terms}
     if len(lora) != 1:
-        raise Unsupported(f"the LoRA products run in several dtypes: {sorted(map(_name, lora))}")
+        raise Unsupported("the LoRA products run in several dtypes: "
+                          f"{sorted(map(dtype_name, lora))}")
     branch = lora.pop()
     for t in terms:  # a cast of the term: to the base result's dtype (QLoRA) or a no-op
         if t.cast is not None and _tensor(t.cast, "a LoRA term").dtype not in (base_out, branch):
@@ -257,16 +234,17 @@ def _dtypes(base: BaseForm, terms: list[Term], root: fx.Node, x: torch.Tensor,
     out = _tensor(root, "the site's result").dtype
     adapter = weights[0][0]
     return {
-        "compute_dtype": base_out if base_out != x.dtype else None,
-        "weight_dtype": w.dtype if w is not None and w.dtype != x.dtype else None,
-        "adapter_dtype": adapter if adapter != x.dtype else None,
-        "branch_dtype": branch if branch != base_out else None,
-        "out_dtype": out if out != torch.promote_types(base_out, branch) else None,
+        "base_dtype": base_out,
+        "weight_dtype": w.dtype if w is not None else x.dtype,
+        "adapter_dtype": adapter,
+        "lora_dtype": branch,
+        "result_dtype": out,
     }
 
 
 def match_site(root: fx.Node, sum_node: fx.Node, base: BaseForm, terms: list[Term],
-               adds: list[fx.Node]) -> SiteMatch:
+               adds: list[fx.Node], order: dict[fx.Node, int]) -> SiteMatch:
+    """The site whose result is `root`; `order`: its graph's node_order."""
     x_node = base.x
     x = _tensor(x_node, "x")
     sources = []
@@ -304,22 +282,20 @@ def match_site(root: fx.Node, sum_node: fx.Node, base: BaseForm, terms: list[Ter
         _chain(inner[:-1], inner[-1], "a LoRA intermediate")
         _only_user(inner[-1], add, "a LoRA intermediate")
     chains = [_dropout_chain(t, s) for t, s in zip(terms, sources)]
-    order = {node: i for i, node in enumerate(root.graph.nodes)}
     # a plan drawing its own positions reads x at the site's end: x must not change before
-    own = [s.p == 0 or bool(c) and _mutation_inside(min(c, key=order.__getitem__), root,
-                                                     set(adds)) is None
+    own = [s.p == 0 or bool(c) and mutation_between(min(c, key=order.__getitem__), root,
+                                                    set(adds)) is None
            for s, c in zip(sources, chains)]
     adapters = tuple(_adapter(t, s, x, int(d_out), o)
                      for t, s, o in zip(terms, sources, own))
     dtypes = _dtypes(base, terms, root, x, w)
-    lora_dtype = dtypes["branch_dtype"] or dtypes["compute_dtype"] or x.dtype
     for source in sources:
-        _check_casts(source.casts, x, lora_dtype)
+        _check_casts(source.casts, x, dtypes["lora_dtype"])
     tensors = [x, *([w] if w is not None else []), *([bias] if bias is not None else [])]
     tensors += [_tensor(t.lora_a.weight, "A") for t in terms]
     if len({t.device for t in tensors}) != 1:
         raise Unsupported("x, W, bias and adapters are on different devices")
-    n = math.prod(x.shape[:-1])
+    n = rows(x)
     site = LoraSite(
         path=site_path(base.node, terms),
         n=size_hint(n),
@@ -345,14 +321,15 @@ def match_site(root: fx.Node, sum_node: fx.Node, base: BaseForm, terms: list[Ter
         if lin.layout is WeightLayout.IN_OUT
     )
     owned = _owned(root, base, terms, adds, sources)
-    mutation = _mutation_inside(min(owned, key=order.__getitem__), root, set(adds))
+    # the site's own `+=` may run in place: the rewrite reads x, W, b and the adapters at root
+    mutation = mutation_between(min(owned, key=order.__getitem__), root, set(adds))
     if mutation is not None:
         raise Unsupported(
             f"an in-place op ({mutation.name}) runs between the site's reads and its sum"
         )
     dropout_nodes = {node for chain, o in zip(chains, own) if o for node in chain}
     return SiteMatch(site, root, x_node, nodes, tuple(t.scale for t in terms),
-                     tuple(sorted(owned, key=order.__getitem__)), n, transposed,
+                     tuple(sorted(owned, key=order.__getitem__)), transposed,
                      tuple(sorted(dropout_nodes, key=order.__getitem__)))
 
 
@@ -405,6 +382,7 @@ def find_sites(graph: fx.Graph) -> tuple[list[SiteMatch], list[SkippedSite]]:
     skipped: list[SkippedSite] = []
     claimed: set[fx.Node] = set()
     summed: set[fx.Node] = set()  # term ends in a parsed sum
+    order = node_order(graph)
     for node in reversed(graph.nodes):  # outermost sums first
         if node in claimed:
             continue
@@ -415,10 +393,9 @@ def find_sites(graph: fx.Graph) -> tuple[list[SiteMatch], list[SkippedSite]]:
         claimed.update([sum_node, *adds])
         summed.update(t.end for t in terms)
         try:
-            matches.append(match_site(node, sum_node, base, terms, adds))
+            matches.append(match_site(node, sum_node, base, terms, adds, order))
         except (Unsupported, ValueError) as why:
             skipped.append(SkippedSite(site_path(base.node, terms), str(why)))
     skipped += cut_sites(graph, summed)
-    order = {node: i for i, node in enumerate(graph.nodes)}
     matches.sort(key=lambda m: order[m.root])
     return matches, skipped

@@ -1,4 +1,4 @@
-"""The frozen W behind each site, for the merge check (runlora_fx/merge_check.py): where the
+"""The frozen W behind each site, for the merge check (runlora_fx/ir/merge_check.py): where the
 real tensor comes from, and the check attached to each 16-bit site before plans are chosen.
 
 Dynamo lifts a module's parameters to graph inputs, and the backend receives the real tensors
@@ -14,18 +14,19 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from runlora_fx.merge_check import MergeCheck, check_site, not_run
-from runlora_fx.operands import Role
+from runlora_fx.ir.merge_check import MergeCheck, check_site, not_run
+from runlora_fx.ir.operands import Role
+from runlora_fx.ir.precision import CHECKED_KINDS, kind
+from runlora_fx.ir.rounding import Rounding
+from runlora_fx.ir.site import Base, LoraSite
+from runlora_fx.passes.find_sites import SiteMatch
 from runlora_fx.passes.graphs import REWRITABLE, GraphPart, graph_parts
-from runlora_fx.passes.group_sites import Unit
-from runlora_fx.precision import CHECKED_KINDS, Rounding, kind
-from runlora_fx.site import Base, LoraSite
 
 
 @dataclass(frozen=True)
@@ -115,25 +116,35 @@ def combined(checks: list[MergeCheck]) -> MergeCheck:
                                  "weights this checkpointed region runs with)")
 
 
-def check_units(
-    units: list[Unit], part: GraphPart, found: dict[fx.Node, Sources], rounding: Rounding
-) -> tuple[list[Unit], dict[fx.Node, list[WeightSource]]]:
-    """The units with each checked site's verdict attached, and the W's each checked site read
-    (by the site's result node)."""
-    weights: dict[fx.Node, list[WeightSource]] = {}
-    out = []
-    for unit in units:
-        members = []
-        for match in unit:
+@dataclass
+class MergeChecks:
+    """The merge check of each 16-bit site's own W in one compiled graph: the real tensors its
+    inputs hold, the rounding the check runs for, and the W's each checked site read (by the
+    site's result node: a merged plan's W is watched after compiling, weight_guard.py)."""
+
+    sources: dict[fx.Node, Sources]
+    rounding: Rounding
+    read: dict[fx.Node, list[WeightSource]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule, example_inputs: Sequence[Any],
+           rounding: Rounding) -> MergeChecks:
+        return cls(input_sources(gm, example_inputs), rounding)
+
+    def check(self, matches: list[SiteMatch], part: GraphPart) -> list[SiteMatch]:
+        """The matches of `part`, each checked site with its verdict attached."""
+        out = []
+        for match in matches:
             site = match.site
             if needs_check(site):
-                sources = resolve(match.nodes.get((Role.WEIGHT, None)), part.module, found)
+                sources = resolve(match.nodes.get((Role.WEIGHT, None)), part.module,
+                                  self.sources)
                 if isinstance(sources, str):
-                    verdict = not_run(rounding, sources)
+                    verdict = not_run(self.rounding, sources)
                 else:
-                    verdict = combined([check_site(site, s.tensor, rounding) for s in sources])
-                    weights[match.root] = sources
+                    verdict = combined([check_site(site, s.tensor, self.rounding)
+                                        for s in sources])
+                    self.read[match.root] = sources
                 match = replace(match, site=replace(site, merge_check=verdict))
-            members.append(match)
-        out.append(tuple(members))
-    return out, weights
+            out.append(match)
+        return out

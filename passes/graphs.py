@@ -53,6 +53,11 @@ def hop_bodies(gm: fx.GraphModule) -> Iterator[tuple[str, str, fx.GraphModule]]:
                 yield node.target.name(), str(arg.target), body
 
 
+def node_order(graph: fx.Graph) -> dict[fx.Node, int]:
+    """Each node's position in the graph: the order the passes sort and compare nodes by."""
+    return {node: i for i, node in enumerate(graph.nodes)}
+
+
 def graph_parts(gm: fx.GraphModule) -> list[GraphPart]:
     """The top-level graph, then every body, depth first (a checkpoint nested in a cond branch
     is blocked by the cond: it is traced by the cond's rules first)."""

@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from runlora_fx.passes.paths import module_path, normalise_path
 from runlora_fx.passes.patterns import MUL, is_call, term
-from runlora_fx.site import SkippedSite
+from runlora_fx.ir.site import SkippedSite
 
 LORA_PART = re.compile(r"^lora_(A|B|a|b|down|up|magnitude_vector)$")
 LORA_PARAM = re.compile(r"(?:^|_)lora_(?:A|B|a|b|down|up|magnitude_vector)(?:_|$)")

@@ -1,5 +1,6 @@
 """Node-level forms the site matcher recognises: linear products (and which layout their weight
-is stored in), dtype casts, dropouts, and the LoRA term `s · linear(linear(D(x), A), B)`.
+is stored in), dtype casts, dropouts, the LoRA term `s · linear(linear(D(x), A), B)`, and ops
+that run in place.
 
 Each recogniser takes a node and returns its parts, or None: no recogniser raises.
 """
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from runlora_fx.site import WeightLayout
+from runlora_fx.ir.site import WeightLayout
 
 LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
 MATMUL = (operator.matmul, torch.matmul)
@@ -271,3 +272,31 @@ def dropout_p(node: fx.Node) -> float:
     if not isinstance(p, (int, float)) or not isinstance(training, bool) or inplace is not False:
         raise ValueError("dropout with a non-constant p or training flag, or in place")
     return float(p) if training else 0.0
+
+
+# ---- in-place ops ------------------------------------------------------------------------------
+
+
+def mutates(node: fx.Node) -> bool:
+    target = node.target
+    if is_call(node, DROPOUT) and arg(node, 3, "inplace", False) is not False:
+        return True
+    if node.op == "call_method":
+        return str(target).endswith("_") and not str(target).startswith("_")
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.is_mutable
+    name = getattr(target, "__name__", "")
+    return name.endswith("_") and not name.startswith("_") or target in IN_PLACE
+
+
+def mutation_between(first: fx.Node, last: fx.Node, allowed: set[fx.Node]) -> fx.Node | None:
+    """An in-place op strictly between `first` and `last` in graph order that is not in
+    `allowed`, if any. A rewrite reads its operands where it is inserted, not where the old
+    nodes read them: a mutation in between — of x through a view, `x[...] = v`, a hook — would
+    change what the rewritten call sees."""
+    node = first.next
+    while node is not last and node.op != "root":
+        if mutates(node) and node not in allowed:
+            return node
+        node = node.next
+    return None

@@ -2,20 +2,21 @@
 
 Joint-graph CSE merges a backward recompute of h = x Aᵀ (or of W + sBA) with the forward one, and
 the min-cut partitioner never recomputes a matmul, so without tags "recompute" silently becomes
-"save" (DESIGN.md §2). Forward nodes traced under the executor's annotation are tagged
-MUST_RECOMPUTE; forward means not reachable from any tangent.
+"save" (docs/design.md, "The partitioner decides what is saved"). Forward nodes traced under the
+executor's annotation are tagged MUST_RECOMPUTE; forward means not reachable from any tangent.
 """
 
 from __future__ import annotations
 
+import functools
+
 import networkx as nx
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.utils.checkpoint import CheckpointPolicy
 
-from runlora_fx.execute import RECOMPUTE_ANNOTATION
-
-PASS_VERSION = "runlora-recompute-tags-2"  # change when the pass changes (FX cache key)
+from runlora_fx.ir import execute
+from runlora_fx.ir.execute import RECOMPUTE_ANNOTATION
 
 
 def dataflow(graph: fx.Graph) -> nx.DiGraph:
@@ -63,5 +64,13 @@ class RecomputeTags(CustomGraphPass):
         except Exception as error:
             raise StageError("tag") from error
 
-    def uuid(self) -> str:
-        return PASS_VERSION
+    def uuid(self) -> bytes:
+        return _source_hash()
+
+
+@functools.cache
+def _source_hash() -> bytes:
+    """What Inductor's FX graph cache keys the pass by: its source and that of the annotation it
+    reads (torch's advice for custom passes: `get_hash_for_files`), so a change to either
+    misses the cache without a version to bump."""
+    return get_hash_for_files((__file__, execute.__file__))

@@ -6,21 +6,19 @@ import operator
 
 import torch.fx as fx
 
-from runlora_fx.execute import PlannedLora
-from runlora_fx.passes.find_sites import SiteMatch
-from runlora_fx.plans import Plan
-from runlora_fx.site import SiteGroup
+from runlora_fx.ir.execute import UnitCall
+from runlora_fx.ir.plans import Plan
+from runlora_fx.passes.group_sites import MatchedUnit
 
 
-def rewrite_unit(graph: fx.Graph, members: tuple[SiteMatch, ...], plan: Plan, name: str,
-                 replaced: dict[fx.Node, fx.Node]) -> None:
+def rewrite_unit(graph: fx.Graph, unit: MatchedUnit, plan: Plan, name: str,
+                 replaced: dict[fx.Node, fx.Node], order: dict[fx.Node, int]) -> None:
     """Execute `plan` for the unit: insert the planned call where its first member's result
     was, reroute each member's users to its result, drop the old nodes. `replaced` maps the
     results of units rewritten before to their new nodes (a site may read another's result),
-    and gets this unit's."""
-    unit = SiteGroup(tuple(m.site for m in members))
-    planned = PlannedLora(name, unit, plan)
-    order = {node: i for i, node in enumerate(graph.nodes)}
+    and gets this unit's; `order` is the graph's node_order from before the first rewrite."""
+    members = unit.matches
+    planned = UnitCall(name, unit.group, plan)
     first = min((m.root for m in members), key=order.__getitem__)
     scales = tuple(s for m in members for s in m.scales)
     with graph.inserting_before(first):

@@ -1,8 +1,9 @@
 """The `runlora` torch.compile backend: find → choose → rewrite → tag → compile.
 
-Each stage is a function below; its name is the word the INFO lines, `GraphReport.stages` and
-the debug dump use. The backend holds no module state: every torch.compile call gets its own
-`Backend` and its own reports. A failure inside runlora's own stages never stops training:
+Each stage is a function below, named for what it does (`find`, `decide`, `rewrite`, the tag
+pass, `compile_graph`); the stage's word is what the INFO lines, `GraphReport.stages` and the
+debug dump use (`STAGES`). The backend holds no module state: every torch.compile call gets its
+own `Backend` and its own reports. A failure inside runlora's own stages never stops training:
 that graph is compiled as plain torch.compile would compile it, with one warning naming the
 stage and the exception (option strict=True raises instead).
 """
@@ -22,23 +23,21 @@ from torch._functorch._aot_autograd.utils import make_boxed_func
 from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 
 from runlora_fx import coverage
-from runlora_fx.budget import Budget, choose_within
-from runlora_fx.cache import default_cache_dir
-from runlora_fx.choose import Chooser, Decision
-from runlora_fx.compat import check_torch
-from runlora_fx.debug import DebugOutput
-from runlora_fx.options import INNER_COMPILERS, Options, parse_options
-from runlora_fx.precision import Rounding
+from runlora_fx.choice.budget import Budget
+from runlora_fx.choice.chooser import Chooser
+from runlora_fx.choice.criteria import CRITERIA, Decision
+from runlora_fx.ir.compat import check_torch, default_cache_dir
+from runlora_fx.ir.site import LoraSite, SkippedSite
+from runlora_fx.options import CRITERION_NAMES, INNER_COMPILERS, Options, parse_options
 from runlora_fx.passes.find_sites import find_sites
-from runlora_fx.passes.frozen_weights import WeightSource, check_units, input_sources
-from runlora_fx.passes.graphs import GraphPart, graph_parts, working_copy
-from runlora_fx.passes.group_sites import Unit, group_sites
+from runlora_fx.passes.frozen_weights import MergeChecks, WeightSource
+from runlora_fx.passes.graphs import GraphPart, graph_parts, node_order, working_copy
+from runlora_fx.passes.group_sites import MatchedUnit, group_sites
 from runlora_fx.passes.lora_modules import unrecognised
 from runlora_fx.passes.recompute_tags import RecomputeTags, StageError
 from runlora_fx.passes.rewrite import rewrite_unit
-from runlora_fx.records import GraphReport
-from runlora_fx.site import LoraSite, SiteGroup, SkippedSite
-from runlora_fx.units import choose_unit
+from runlora_fx.report.debug import DebugOutput
+from runlora_fx.report.graph_report import GraphReport
 from runlora_fx.weight_guard import Watched, guard
 
 log = logging.getLogger("runlora_fx")
@@ -53,6 +52,7 @@ def eager_inner(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any
 
 INNER = {"inductor": compile_fx_inner, "eager": eager_inner}
 assert tuple(INNER) == INNER_COMPILERS, "options.INNER_COMPILERS names these compilers"
+assert tuple(CRITERIA) == CRITERION_NAMES, "options.CRITERION_NAMES names these criteria"
 
 
 def record_partitions(inner: Callable, report: GraphReport) -> Callable:
@@ -73,7 +73,7 @@ class Found:
     """One graph part's planning units (groups of sites reading one x, or single sites)."""
 
     part: GraphPart
-    units: list[Unit] = field(default_factory=list)
+    units: list[MatchedUnit] = field(default_factory=list)
 
 
 @dataclass
@@ -81,7 +81,7 @@ class Chosen:
     """A unit as the choose stage settled it: the members one decision covers."""
 
     part: GraphPart
-    members: Unit
+    unit: MatchedUnit
     decision: Decision
     weights: tuple[tuple[LoraSite, WeightSource], ...] = ()  # the checked W's its sites read
 
@@ -90,11 +90,11 @@ class Chosen:
 
 
 def find(gm: fx.GraphModule, report: GraphReport, grouping: bool = True,
-         sparse_dropout: bool = True) -> list[Found]:
+         sparse_dropout: bool = True, checks: MergeChecks | None = None) -> list[Found]:
     """Every site of `gm` and of its higher-order-op bodies, grouped into planning units; the
     skipped ones (with reasons) and the LoRA-like modules no site covers go to `report`.
     `sparse_dropout`: whether dropout branches may be grouped (their plans draw their own
-    dropped positions)."""
+    dropped positions); `checks`: the merge check each 16-bit site gets from its own W."""
     parts = [(part, *find_sites(part.module.graph)) for part in graph_parts(gm)]
     # a module whose LoRA runs in a checkpoint body is covered there, not missed at the top
     covered = [x.site.path for _, matches, _ in parts for x in matches]
@@ -107,66 +107,58 @@ def find(gm: fx.GraphModule, report: GraphReport, grouping: bool = True,
             skipped += [SkippedSite(m.site.path, part.blocked_reason()) for m in matches]
             matches = []
         report.skipped += [SkippedSite(s.path, part.reason_prefix + s.reason) for s in skipped]
-        units = group_sites(matches, sparse_dropout) if grouping else [(m,) for m in matches]
-        found.append(Found(part, units))
+        if checks is not None:
+            matches = checks.check(matches, part)
+        found.append(Found(part, group_sites(matches, sparse_dropout, grouping)))
     return found
 
 
-def choose(
+def decide(
     found: list[Found], report: GraphReport, chooser: Chooser, budget: Budget | None
 ) -> list[Chosen]:
-    """A decision per unit (or per member, where sharing GEMMs does not pay). Under a memory
-    budget the top-level graph's sites are chosen together (budget.py), one by one; sites in
-    checkpointed bodies are planned without it, since the region is recomputed and saves only
-    its inputs."""
+    """The choose stage: a decision per unit (or per member, where sharing GEMMs does not pay).
+    Under a memory budget the top-level graph's sites are chosen together (budget.py), one by
+    one; sites in checkpointed bodies are planned without it, since the region is recomputed
+    and saves only its inputs."""
     chosen: list[Chosen] = []
     for item in found:
-        units = item.units
-        chooser.measure_ahead([SiteGroup(tuple(m.site for m in u)) for u in units])
+        chooser.measure_ahead([unit.group for unit in item.units])
         if budget is not None and not item.part.name:
-            singles = [(m,) for unit in units for m in unit]
-            decisions, report.warnings = _within_budget(singles, chooser, budget)
+            singles = [single for unit in item.units for single in unit.alone()]
+            decisions, report.warnings = chooser.decide_within([u.group for u in singles],
+                                                               budget)
             chosen += [Chosen(item.part, u, d) for u, d in zip(singles, decisions)]
             continue
-        for unit in units:
-            decisions = choose_unit(SiteGroup(tuple(m.site for m in unit)), unit[0].n, chooser)
+        for unit in item.units:
+            decisions = chooser.decide(unit.group, unit.n)
             if len(decisions) == 1:
                 chosen.append(Chosen(item.part, unit, decisions[0]))
             else:  # the members planned one by one
-                chosen += [Chosen(item.part, (m,), d) for m, d in zip(unit, decisions)]
+                chosen += [Chosen(item.part, u, d) for u, d in zip(unit.alone(), decisions)]
     report.decisions = [c.decision for c in chosen]
     return chosen
-
-
-def _within_budget(
-    units: list[Unit], chooser: Chooser, budget: Budget
-) -> tuple[list[Decision], list[str]]:
-    pairs = [(d, d.candidates) for d in (chooser.choose(u[0].site) for u in units)]
-    decisions, warning = choose_within(pairs, budget)
-    decisions = [
-        replace(d, note=f"{d.note}; N symbolic, budget judged at its hint N={d.site.n}")
-        if d.site.n_symbolic is not None else d
-        for d in decisions
-    ]
-    return decisions, [warning] if warning else []
 
 
 def rewrite(chosen: list[Chosen]) -> None:
     """Replace each chosen unit by its planned call, in the graph part it was found in."""
     modules: dict[int, fx.GraphModule] = {}
+    orders: dict[int, dict[fx.Node, int]] = {}
     counters = itertools.count()
     replaced: dict[fx.Node, fx.Node] = {}  # a site's result → its planned call's
     for item in chosen:
         name = f"runlora_{item.part.name + '_' if item.part.name else ''}{next(counters)}"
         plan = item.decision.chosen.plan
-        rewrite_unit(item.part.module.graph, item.members, plan, name, replaced)
+        graph = item.part.module.graph
+        if id(graph) not in orders:  # the order before its first rewrite holds for its sites
+            orders[id(graph)] = node_order(graph)
+        rewrite_unit(graph, item.unit, plan, name, replaced, orders[id(graph)])
         modules[id(item.part.module)] = item.part.module
     for module in modules.values():
         module.graph.lint()
         module.recompile()
 
 
-def compile(
+def compile_graph(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
     options: Options,
@@ -197,30 +189,18 @@ def chooser_for(options: Options) -> Chooser:
                    rounding=options.rounding, fusions=options.fusions, sparse_dropout=sparse)
 
 
-def check_merges(found: list[Found], gm: fx.GraphModule, example_inputs: Sequence[Any],
-                 rounding: Rounding) -> dict[fx.Node, list[WeightSource]]:
-    """Attach to each 16-bit site the merge check of its own frozen W (merge_check.py), part of
-    the find stage; returns the W's read, by the site's result node."""
-    sources = input_sources(gm, example_inputs)
-    weights: dict[fx.Node, list[WeightSource]] = {}
-    for item in found:
-        item.units, read = check_units(item.units, item.part, sources, rounding)
-        weights.update(read)
-    return weights
-
-
-def plan(gm: fx.GraphModule, report: GraphReport, options: Options, chooser: Chooser,
-         example_inputs: Sequence[Any] = ()) -> list[Chosen]:
+def find_and_decide(gm: fx.GraphModule, report: GraphReport, options: Options, chooser: Chooser,
+                    example_inputs: Sequence[Any] = ()) -> list[Chosen]:
     """find then choose, into `report`: what the backend would rewrite (explain() stops here).
     `example_inputs` are the real tensors of gm's inputs, whose W's the merge check reads."""
+    checks = MergeChecks.of(gm, example_inputs, options.rounding)
     found = find(gm, report, grouping=options.fusions and options.memory_budget is None,
-                 sparse_dropout=chooser.sparse_dropout)
-    weights = check_merges(found, gm, example_inputs, options.rounding)
+                 sparse_dropout=chooser.sparse_dropout, checks=checks)
     report.stages.append("find")
-    chosen = choose(found, report, chooser, options.memory_budget)
+    chosen = decide(found, report, chooser, options.memory_budget)
     report.stages.append("choose")
-    return [replace(c, weights=tuple((m.site, w) for m in c.members
-                                     for w in weights.get(m.root, ()))) for c in chosen]
+    return [replace(c, weights=tuple((m.site, w) for m in c.unit.matches
+                                     for w in checks.read.get(m.root, ()))) for c in chosen]
 
 
 def watched_weights(chosen: list[Chosen]) -> list[Watched]:
@@ -237,7 +217,8 @@ class Backend:
         self.mode = None if mode in (None, "default") else mode
         self.reports: list[GraphReport] = []
         self._ids = itertools.count()
-        self.debug = DebugOutput(self.options)  # reads RUNLORA_DEBUG_DIR now, not at import
+        # reads RUNLORA_DEBUG_DIR now, not at import
+        self.debug = DebugOutput(self.options.debug_dir, self.options.criterion)
         self.chooser = chooser_for(self.options)
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
@@ -252,12 +233,12 @@ class Backend:
         graph_debug = None
         try:
             work = working_copy(gm)  # `gm` stays as captured: the fallback compiles it
-            chosen = plan(work, report, self.options, self.chooser, example_inputs)
+            chosen = find_and_decide(work, report, self.options, self.chooser, example_inputs)
             graph_debug = self.debug.start(report, work)  # log lines; sites.json, report.md
             rewrite(chosen)
             report.stages.append("rewrite")
             graph_debug.rewritten(work)
-            compiled = compile(work, example_inputs, self.options, self.mode, report)
+            compiled = compile_graph(work, example_inputs, self.options, self.mode, report)
             report.stages += ["tag", "compile"]
             compiled = guard(compiled, watched_weights(chosen), self.options.rounding, report)
         except Exception as error:  # noqa: BLE001 — contained: plain compile takes over
@@ -286,7 +267,7 @@ class Backend:
             graph_debug = self.debug.start(report, gm)
         else:
             graph_debug.planned(gm)  # the dump records the failure
-        return compile(gm, example_inputs, self.options, self.mode, report, tag=False)
+        return compile_graph(gm, example_inputs, self.options, self.mode, report, tag=False)
 
 
 def runlora(

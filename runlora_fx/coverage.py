@@ -35,9 +35,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from runlora_fx.outside import Outside, causes, forward_spans
+from runlora_fx.report.outside import Outside, causes, forward_spans
 from runlora_fx.passes.lora_modules import is_lora_module, lora_parameters
-from runlora_fx.records import GraphReport
+from runlora_fx.report.graph_report import GraphReport
 
 log = logging.getLogger("runlora_fx")
 

@@ -22,12 +22,13 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from runlora_fx import coverage, records
-from runlora_fx.backend import chooser_for, plan
-from runlora_fx.choose import Decision
+from runlora_fx import coverage
+from runlora_fx.backend import chooser_for, find_and_decide
+from runlora_fx.choice.criteria import Decision
 from runlora_fx.options import parse_options
 from runlora_fx.passes.graphs import working_copy
-from runlora_fx.records import GraphReport
+from runlora_fx.report import document, render
+from runlora_fx.report.graph_report import GraphReport
 
 
 class Explanation:
@@ -39,9 +40,9 @@ class Explanation:
     modules and those that ran outside every graph, with the graph breaks that explain them.
     """
 
-    def __init__(self, document: dict[str, Any], reports: Sequence[GraphReport],
+    def __init__(self, doc: dict[str, Any], reports: Sequence[GraphReport],
                  dynamo_graphs: Sequence[str]) -> None:
-        self._document = document
+        self._document = doc
         self.decisions: list[Decision] = [d for r in reports for d in r.decisions]
         self.dynamo_graphs = list(dynamo_graphs)
 
@@ -69,10 +70,10 @@ class Explanation:
         return json.dumps(self._document, indent=2, ensure_ascii=False) + "\n"
 
     def __str__(self) -> str:
-        return records.render(self._document, title="runlora explain")
+        return render.render(self._document, title="runlora explain")
 
     def __repr__(self) -> str:
-        return f"<runlora_fx.Explanation: {records.summary_line(self._document)}>"
+        return f"<runlora_fx.Explanation: {render.summary_line(self._document)}>"
 
 
 @contextlib.contextmanager
@@ -134,14 +135,14 @@ def explain(
         except Exception as error:  # noqa: BLE001 — as the backend: never fails the trace
             coverage.contained(parsed.strict, "recording a graph", error)
         try:
-            plan(working_copy(gm), report, parsed, chooser, example_inputs)  # no rewrite
+            find_and_decide(working_copy(gm), report, parsed, chooser, example_inputs)
         except Exception as error:  # noqa: BLE001 — as the backend: reported, not raised
             if parsed.strict:
                 raise
             report.failure = f"find/choose: {type(error).__name__}: {error}"
             report.decisions = []
         reports.append(report)
-        graph_names.append(records.graph_name(report))
+        graph_names.append(document.graph_name(report))
         dynamo_graphs.append(gm.print_readable(print_output=False))
         return gm.forward
 
@@ -156,5 +157,5 @@ def explain(
             ledger.account(coverage.dynamo_break_reasons())
     except Exception as error:  # noqa: BLE001 — as the backend: reported only when strict
         coverage.contained(parsed.strict, "settling", error)
-    document = records.document(zip(graph_names, reports), parsed.criterion)
-    return Explanation(document, reports, dynamo_graphs)
+    doc = document.document(zip(graph_names, reports), parsed.criterion)
+    return Explanation(doc, reports, dynamo_graphs)

@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from runlora_fx.choose import CRITERIA
-from runlora_fx.precision import Rounding
+from runlora_fx.ir.rounding import Rounding
 
+CRITERION_NAMES = ("flops", "memory", "roofline", "time")  # choice/criteria.py: CRITERIA
 INNER_COMPILERS = ("inductor", "eager")
 DROPOUT_MODES = ("auto", "sparse", "graph")
 STRICT_ENV = "RUNLORA_STRICT"
@@ -75,7 +75,7 @@ def parse_options(options: Mapping[str, Any] | None) -> Options:
     if options.get("strict") is None:
         options["strict"] = os.environ.get(STRICT_ENV, "") == "1"
     parsed = Options(**options)
-    _check_choice("criterion", parsed.criterion, tuple(CRITERIA))
+    _check_choice("criterion", parsed.criterion, CRITERION_NAMES)
     _check_choice("inner", parsed.inner, INNER_COMPILERS)
     _check_choice("merge_rounding", parsed.merge_rounding, tuple(r.value for r in Rounding))
     _check_choice("dropout", parsed.dropout, DROPOUT_MODES)

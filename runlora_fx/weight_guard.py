@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from runlora_fx.merge_check import check_site
-from runlora_fx.precision import Rounding
-from runlora_fx.records import GraphReport
-from runlora_fx.site import LoraSite
+from runlora_fx.ir.merge_check import check_site
+from runlora_fx.ir.rounding import Rounding
+from runlora_fx.report.graph_report import GraphReport
+from runlora_fx.ir.site import LoraSite
 
 log = logging.getLogger("runlora_fx")
 

@@ -119,7 +119,8 @@ class PlainCompile:
     def __call__(self, gm, example_inputs):
         from torch._inductor.compile_fx import compile_fx
 
-        from runlora_fx.backend import GraphReport, eager_inner, record_partitions
+        from runlora_fx.backend import eager_inner, record_partitions
+        from runlora_fx.report.graph_report import GraphReport
 
         report = GraphReport.for_inputs(len(self.reports), example_inputs)
         self.reports.append(report)

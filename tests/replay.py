@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from runlora_fx.dropout import capacity, draw_seed, dropped_positions
-from runlora_fx.program import Program
+from runlora_fx.ir.dropout import capacity, draw_seed, dropped_positions
+from runlora_fx.ir.program import Program
 
 
 def replayed_positions(program: Program, seed: int, numel: int) -> dict[str, torch.Tensor]:

@@ -18,14 +18,14 @@ import runlora_fx
 from conftest import (
     PlainCompile, assert_grads_match, enable_checkpointing, peft_llama, rel_err, twin,
 )
-from runlora_fx.backend import choose, chooser_for, find, rewrite
-from runlora_fx.choose import Decision
-from runlora_fx.execute import RECOMPUTE_ANNOTATION, PlannedLora
+from runlora_fx.backend import chooser_for, decide, find, rewrite
+from runlora_fx.choice.criteria import Decision
+from runlora_fx.ir.execute import RECOMPUTE_ANNOTATION, UnitCall
 from runlora_fx.options import parse_options
-from runlora_fx.outside import Outside
-from runlora_fx.partitioned import saved_tensors
-from runlora_fx.plans import Hidden
-from runlora_fx.records import GraphReport
+from runlora_fx.report.outside import Outside
+from runlora_fx.cost.partitioned import saved_tensors
+from runlora_fx.ir.plans import Hidden
+from runlora_fx.report.graph_report import GraphReport
 
 pytestmark = pytest.mark.usefixtures("compilable_checkpointing")
 
@@ -204,11 +204,11 @@ def test_find_and_choose_leave_the_bodies_and_rewrite_changes_them():
 
     def planned_calls() -> list[str]:
         return [n.target.__name__ for _, m in gm.named_modules() for n in m.graph.nodes
-                if isinstance(n.target, PlannedLora)]
+                if isinstance(n.target, UnitCall)]
 
     report = GraphReport(0)
     options = parse_options(OPTIONS)
-    chosen = choose(find(gm, report), report, chooser_for(options), None)
+    chosen = decide(find(gm, report), report, chooser_for(options), None)
     assert len(report.decisions) == 1 and not report.skipped
     assert gm.print_readable(print_output=False) == before and not planned_calls()
     rewrite(chosen)

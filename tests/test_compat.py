@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from runlora_fx.compat import TESTED_RANGE, check_torch, release, untested_torch
+from runlora_fx.ir.compat import TESTED_RANGE, check_torch, release, untested_torch
 
 INSIDE = ["2.11.0", "2.11.0+cu130", "2.11.0a0+gitabc1234", "2.12.1", "2.13.0+cpu"]
 OUTSIDE = ["2.10.1", "2.14.0", "2.14.0.dev20260301+cu130", "2.15.0", "3.0.0", "1.13.1"]

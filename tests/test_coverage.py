@@ -27,7 +27,7 @@ import lora_zoo as zoo
 import runlora_fx
 from conftest import peft_llama, tiny_llama_config
 from runlora_fx import coverage
-from runlora_fx.outside import (
+from runlora_fx.report.outside import (
     CHECKPOINT_DOC, CHECKPOINT_REMEDY, DORA_IN_CHECKPOINT, NO_BREAK, Cause, CodeSpan, Outside,
     causes, forward_spans,
 )

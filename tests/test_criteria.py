@@ -15,26 +15,29 @@ import pytest
 import torch
 
 import runlora_fx
-from runlora_fx import operands as ops
 from conftest import PlainCompile, assert_grads_match, peft_llama, twin
-from runlora_fx.budget import decided_bytes, knapsack
-from runlora_fx.cache import MeasurementCache
-from runlora_fx.choose import CRITERIA, Chooser, best, counted_candidates, reference_saved_bytes
-from runlora_fx.cost import step_costs
-from runlora_fx.dynamic import with_n
-from runlora_fx.partitioned import saved_activation_bytes
-from runlora_fx.plans import plans_for
-from runlora_fx.program import program_for
-from runlora_fx.steps import Step
-from runlora_fx.roofline import DeviceModel, predicted_seconds
-from runlora_fx.site import Adapter, LoraSite
+from runlora_fx.choice.budget import decided_bytes, knapsack
+from runlora_fx.choice.chooser import Chooser
+from runlora_fx.choice.criteria import CRITERIA, counted_candidates, pick
+from runlora_fx.cost.cache import MeasurementCache
+from runlora_fx.cost.cost import step_costs
+from runlora_fx.cost.partitioned import saved_activation_bytes
+from runlora_fx.cost.roofline import DeviceModel, predicted_seconds
+from runlora_fx.ir import operands as ops
+from runlora_fx.ir.plans import plans_for
+from runlora_fx.ir.program import program_for
+from runlora_fx.ir.site import Adapter, LoraSite, SiteGroup
+from runlora_fx.ir.steps import Step
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def site(n: int = 64, d_in: int = 32, d_out: int = 48, r: int = 4, x_grad: bool = True) -> LoraSite:
+def site(n: int = 64, d_in: int = 32, d_out: int = 48, r: int = 4,
+         x_grad: bool = True) -> SiteGroup:
+    """One site, as the planning unit it is alone."""
     adapter = Adapter(r, 0.0, 2.0, True, True)
-    return LoraSite("s", n, d_in, d_out, (adapter,), torch.float32, False, False, x_grad, True)
+    return SiteGroup((LoraSite("s", n, d_in, d_out, (adapter,), torch.float32, False, False,
+                               x_grad, True),))
 
 
 # ---- the "time" criterion and its cache --------------------------------------------------------
@@ -42,11 +45,11 @@ def site(n: int = 64, d_in: int = 32, d_out: int = 48, r: int = 4, x_grad: bool 
 CHOOSE_IN_A_FRESH_PROCESS = """
 import logging, sys, torch
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
-from runlora_fx.choose import Chooser
-from runlora_fx.site import Adapter, LoraSite
+from runlora_fx.choice.chooser import Chooser
+from runlora_fx.ir.site import Adapter, LoraSite, SiteGroup
 site = LoraSite("s", 64, 32, 48, (Adapter(4, 0.0, 2.0, True, True),), torch.float32,
                 False, False, True, True)
-decision = Chooser("time", sys.argv[1]).choose(site)
+decision = Chooser("time", sys.argv[1]).choose(SiteGroup((site,)))
 print("CHOSEN", decision.chosen.plan.describe(), repr(decision.chosen.seconds))
 """
 
@@ -159,12 +162,12 @@ def test_roofline_of_a_thin_matmul_is_its_bytes_over_bandwidth():
     assert model.seconds(cost.flops, cost.bytes_moved) == pytest.approx(moved / 1e11)
 
 
-def roofline_choice(s: LoraSite, model: DeviceModel):
+def roofline_choice(s: SiteGroup, model: DeviceModel):
     candidates = [
         type(c)(c.plan, c.cost, predicted_seconds(program_for(c.plan, s), s, model))
         for c in counted_candidates(s)
     ]
-    return best(s, "roofline", candidates).chosen
+    return pick(s, "roofline", candidates).chosen
 
 
 def test_roofline_follows_flops_when_compute_bound_and_bytes_when_memory_bound():
@@ -172,13 +175,13 @@ def test_roofline_follows_flops_when_compute_bound_and_bytes_when_memory_bound()
     differ = 0
     for n, d, r in itertools.product((16, 256, 1024), (256, 1024), (4, 64)):
         s = site(n=n, d_in=d, d_out=d, r=r)
-        cap = best(s, "flops", counted_candidates(s)).memory_cap
+        cap = pick(s, "flops", counted_candidates(s)).memory_cap
         eligible = [c for c in counted_candidates(s) if c.cost.saved_bytes <= cap]
         fastest = roofline_choice(s, compute_bound)
         assert fastest.cost.flops == min(c.cost.flops for c in eligible)
         leanest = roofline_choice(s, memory_bound)
         assert leanest.cost.bytes_moved == min(c.cost.bytes_moved for c in eligible)
-        differ += leanest.plan != best(s, "flops", counted_candidates(s)).chosen.plan
+        differ += leanest.plan != pick(s, "flops", counted_candidates(s)).chosen.plan
     assert differ  # on some shapes FLOPs alone pick a plan that moves more bytes
 
 
@@ -222,8 +225,8 @@ def test_memory_budget_holds_on_the_partitioned_graphs(budget):
     torch.compile(twin(model), backend=plain)(input_ids=ids, labels=ids).loss.backward()
     torch.compile(model, backend=ours)(input_ids=ids, labels=ids).loss.backward()
     [p], [r] = plain.reports, ours.reports
-    reference = sum(reference_saved_bytes(d.site) for d in r.decisions)
-    decided = sum(decided_bytes(d.chosen, d.site) for d in r.decisions)
+    reference = sum(d.reference.cost.saved_bytes for d in r.decisions)
+    decided = sum(decided_bytes(d.chosen, d.unit) for d in r.decisions)
     peft_h = sum(2 * 40 * 4 * 4 for _ in r.decisions)  # eager PEFT keeps one N×r h per site
     limit = budget if isinstance(budget, int) else int(budget * peft_h)
     assert decided <= limit and not r.warnings
@@ -256,10 +259,11 @@ def test_cycling_lengths_compile_once_more_per_crossover_at_most():
     graphs = count_graphs(ours, model, lengths)
     # crossovers the run meets: lengths between which some site's choice changes
     chooser = Chooser("flops")
-    sites = {d.site.path: d.site for report in ours.reports for d in report.decisions}
+    sites = {d.site.path: SiteGroup((d.site,))
+             for report in ours.reports for d in report.decisions}
     ns = sorted({2 * length for length in lengths})
     crossovers = sum(
-        any(chooser.choose(with_n(s, a)).chosen.plan != chooser.choose(with_n(s, b)).chosen.plan
+        any(chooser.choose(s.with_n(a)).chosen.plan != chooser.choose(s.with_n(b)).chosen.plan
             for s in sites.values())
         for a, b in zip(ns, ns[1:])
     )

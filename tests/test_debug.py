@@ -20,9 +20,9 @@ import torch
 import runlora_fx
 from conftest import ALL_TARGETS, peft_llama
 from runlora_fx import Backend
-from runlora_fx.debug import ENV_VAR, DebugDirError
-from runlora_fx.partitioned import saved_tensors
-from runlora_fx.report import main as report_main
+from runlora_fx.report.debug import ENV_VAR, DebugDirError
+from runlora_fx.cost.partitioned import saved_tensors
+from runlora_fx.report.cli import main as report_main
 
 BATCH, SEQ, R = 2, 40, 4  # peft_llama: hidden 32, intermediate 64, r 4, alpha 8
 N = BATCH * SEQ

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 import runlora_fx
-from runlora_fx import dropout as D
-from runlora_fx import dropout_kernels as kernels
-from runlora_fx.execute import PlannedLora
-from runlora_fx.plans import Dropout, plans_for
-from runlora_fx.site import Adapter, LoraSite, SiteGroup
+from runlora_fx.ir import dropout as D
+from runlora_fx.ir import dropout_kernels as kernels
+from runlora_fx.ir.execute import UnitCall
+from runlora_fx.ir.plans import Dropout, plans_for
+from runlora_fx.ir.site import Adapter, LoraSite, SiteGroup
 
 from conftest import ALL_TARGETS, peft_llama, twin
 from replay import keep_mask, replayed_positions
@@ -184,7 +184,7 @@ def test_every_group_plan_equals_the_dense_math_with_the_same_masks():
     dys = [torch.randn(n, site.d_out, generator=gen, dtype=torch.float64) for site in members]
     leaves = [x, *a, *b]
     for plan in plans:
-        planned = PlannedLora("group", unit, plan)
+        planned = UnitCall("group", unit, plan)
         by_name = {"x": x}
         for m in range(3):
             by_name.update({f"W{m}": weights[m], f"A{m}.0": a[m], f"B{m}.0": b[m]})

@@ -8,7 +8,7 @@ low precision) is the budget, and ours may use at most twice it (plus a tiny flo
 Merging `W + sBA` in a 16-bit dtype rounds away an update element below half an ulp of W (W is
 on the 16-bit grid, so `W + u` rounds back to W) — but PEFT's own 16-bit path rounds the same
 updates away in its output. Measured by output error and by the kept share of the true
-adapter effect (DESIGN.md §7), merging is as precise as PEFT's path (precision.py's measured
+adapter effect (docs/precision.md), merging is as precise as PEFT's path (precision.py's measured
 rule); the earlier metric `y − y0` (y0: adapter disabled) charged a merged plan's different
 rounding of the base part to the adapter, so it is not used here.
 """
@@ -25,9 +25,9 @@ from peft import LoraConfig, get_peft_model
 
 import runlora_fx
 from conftest import ALL_TARGETS, grads, load_script, peft_llama, rel_err
-from runlora_fx.plans import Forward, illegal_reason, plans_for
-from runlora_fx.precision import Rounding
-from runlora_fx.site import Adapter, LoraSite
+from runlora_fx.ir.plans import Forward, illegal_reason, plans_for
+from runlora_fx.ir.rounding import Rounding
+from runlora_fx.ir.site import Adapter, LoraSite, SiteGroup
 
 LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISION_EXP = load_script(Path(__file__).resolve().parent.parent / "experiments" /
@@ -111,7 +111,7 @@ def test_cpu_bf16_autocast_step_within_peft_error(inner):
     found = sorted(s.path.rsplit(".", 1)[-1] for d in report.decisions for s in d.sites)
     assert found == sorted(ALL_TARGETS) and not report.skipped
     for site in (s for d in report.decisions for s in d.sites):
-        assert site.w_dtype == torch.float32  # W as stored
+        assert site.weight_dtype == torch.float32  # W as stored
         assert site.base_dtype == torch.bfloat16  # what the matmuls produce
         assert site.lora_dtype == torch.bfloat16
     o_proj = next(s for d in report.decisions for s in d.sites if s.path.endswith("o_proj"))
@@ -147,7 +147,7 @@ def test_peft_default_16_bit_llama_is_rewritten_within_peft_error(dtype, roundin
     sites = [s for d in report.decisions for s in d.sites]
     assert len(sites) == 7 and not report.skipped
     for site in sites:
-        assert (site.dtype, site.a_dtype, site.lora_dtype) == (LOW[dtype], torch.float32,
+        assert (site.dtype, site.adapter_dtype, site.lora_dtype) == (LOW[dtype], torch.float32,
                                                                 torch.float32)
         assert site.result_dtype == LOW[dtype]
     # merging is decided per site by the check of its own W (merge_check.py), with the
@@ -192,7 +192,7 @@ def small_update_run(model, x, dtype, backend=None):
 
 def kept_share(y, base, effect) -> tuple[float, float]:
     """⟨y − base, effect⟩ / ⟨effect, effect⟩ against the fp64 truth — 1 when the adapter's
-    effect survives on average, 0 when it is lost (DESIGN.md §7) — and its standard error
+    effect survives on average, 0 when it is lost (docs/precision.md) — and its standard error
     (clustered by rows and output columns: a merged W_eff's rounding reaches every row). Unlike
     `y − y0` it charges no plan for rounding the base part differently."""
     return PRECISION_EXP.share(y.double(), base.double(), effect.double())
@@ -250,18 +250,18 @@ def test_a_16_bit_weight_swallows_an_update_below_half_an_ulp():
     assert torch.equal(weight + update, weight)
 
 
-def _site(dtype: torch.dtype, compute_dtype: torch.dtype | None = None) -> LoraSite:
+def _site(dtype: torch.dtype, base_dtype: torch.dtype | None = None) -> LoraSite:
     return LoraSite(
         path="layer", n=4096, d_in=64, d_out=64,
         adapters=(Adapter(r=4, dropout_p=0.0, scale=1.0, a_requires_grad=True,
                           b_requires_grad=True),),
         dtype=dtype, has_bias=False, bias_requires_grad=False, x_requires_grad=True,
-        training=True, compute_dtype=compute_dtype,
+        training=True, base_dtype=base_dtype,
     )
 
 
 @pytest.mark.parametrize(
-    "dtype, compute_dtype, nearest, stochastic",
+    "dtype, base_dtype, nearest, stochastic",
     [
         (torch.float32, None, True, True),  # no rounding: both roundings are the plain sum
         (torch.float64, None, True, True),
@@ -271,13 +271,14 @@ def _site(dtype: torch.dtype, compute_dtype: torch.dtype | None = None) -> LoraS
         (torch.float32, torch.float16, False, False),  # fp16 autocast: not measured
     ],
 )
-def test_merged_plans_follow_the_measured_rule(dtype, compute_dtype, nearest, stochastic):
-    site = _site(dtype, compute_dtype)
+def test_merged_plans_follow_the_measured_rule(dtype, base_dtype, nearest, stochastic):
+    site = _site(dtype, base_dtype)
+    unit = SiteGroup((site,))
     for rounding, legal in ((Rounding.NEAREST, nearest), (Rounding.STOCHASTIC, stochastic)):
-        merged = [p for p in plans_for(site, rounding) if p.merges]
+        merged = [p for p in plans_for(unit, rounding) if p.merges]
         assert bool(merged) == legal, rounding
     if not stochastic and site.is_low_precision:
-        any_merged = dataclasses.replace(plans_for(site)[0], forward=Forward.MERGED,
+        any_merged = dataclasses.replace(plans_for(unit)[0], forward=Forward.MERGED,
                                          rounding=Rounding.STOCHASTIC)
-        reason = illegal_reason(any_merged, site)
+        reason = illegal_reason(any_merged, unit)
         assert "worse than PEFT's own path" in reason or "not measured" in reason

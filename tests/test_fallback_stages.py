@@ -16,6 +16,7 @@ import torch
 import runlora_fx
 import runlora_fx.backend as backend_module
 import runlora_fx.passes.recompute_tags as tags_module
+from runlora_fx.choice.chooser import Chooser
 from conftest import PlainCompile, assert_grads_match, peft_llama, rel_err, twin
 
 
@@ -29,7 +30,7 @@ def boom(*args, **kwargs):
 
 STAGES = {  # stage → (module, attribute) to make raise
     "find": (backend_module, "find_sites"),
-    "choose": (backend_module, "choose_unit"),
+    "choose": (Chooser, "decide"),
     "rewrite": (backend_module, "rewrite_unit"),
     "tag": (tags_module, "tag_recompute"),
 }
@@ -64,7 +65,7 @@ def test_a_failing_stage_falls_back_to_plain_compile(stage, monkeypatch, tmp_pat
 
 
 def test_strict_raises(monkeypatch):
-    monkeypatch.setattr(backend_module, "choose_unit", boom)
+    monkeypatch.setattr(Chooser, "decide", boom)
     model = peft_llama(layers=1)
     ids = torch.randint(0, 128, (2, 24))
     with pytest.raises(Exception, match="injected fault"):

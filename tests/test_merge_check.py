@@ -19,16 +19,17 @@ import runlora_fx
 from conftest import enable_checkpointing, peft_llama
 from runlora_fx.passes.frozen_weights import WeightSource, resolve
 from runlora_fx.weight_guard import StaleMergeCheck
-from runlora_fx.merge_check import MergeCheck, check_site
-from runlora_fx.plans import Forward, plans_for
-from runlora_fx.precision import Rounding, precision_reason
-from runlora_fx.site import Adapter, LoraSite, WeightLayout
+from runlora_fx.ir.merge_check import MergeCheck, check_site
+from runlora_fx.ir.plans import Forward, plans_for
+from runlora_fx.ir.precision import precision_reason
+from runlora_fx.ir.rounding import Rounding
+from runlora_fx.ir.site import Adapter, LoraSite, SiteGroup, WeightLayout
 
 BF16, FP16, F32 = torch.bfloat16, torch.float16, torch.float32
 KINDS = {  # x / W dtype, then the dtype fields as the matcher records them
-    "bf16-peft": (BF16, dict(adapter_dtype=F32, branch_dtype=F32, out_dtype=BF16)),
+    "bf16-peft": (BF16, dict(adapter_dtype=F32, lora_dtype=F32, result_dtype=BF16)),
     "bf16": (BF16, {}),
-    "fp16-peft": (FP16, dict(adapter_dtype=F32, branch_dtype=F32, out_dtype=FP16)),
+    "fp16-peft": (FP16, dict(adapter_dtype=F32, lora_dtype=F32, result_dtype=FP16)),
 }
 
 
@@ -114,9 +115,9 @@ def test_precision_reason_follows_the_site_check():
         passed, True, Rounding.STOCHASTIC, branch)
     # unchecked: the measured rule over the grid's worst W decides, as before
     assert "uniform W" in precision_reason(site, True, Rounding.NEAREST, branch)
-    assert any(p.merges for p in plans_for(passed))
-    assert not any(p.merges for p in plans_for(refused))
-    assert not any(p.merges for p in plans_for(site))
+    assert any(p.merges for p in plans_for(SiteGroup((passed,))))
+    assert not any(p.merges for p in plans_for(SiteGroup((refused,))))
+    assert not any(p.merges for p in plans_for(SiteGroup((site,))))
 
 
 def test_a_weight_the_graph_computes_is_not_read():

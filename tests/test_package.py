@@ -1,6 +1,12 @@
 """The package as installed: one top-level package, `runlora_fx`, with `passes/` inside it as
-`runlora_fx.passes`; imports that go one way (no circle; the passes use the core, and only the
-backend's top — backend.py, explainer.py, coverage.py — uses the passes)."""
+`runlora_fx.passes`; and its layers as folders, imports going one way only:
+
+    ir (plans and what runs them)  <  cost, passes  <  choice (the choose stage)
+    <  report  <  the top (backend.py, options.py, explainer.py, coverage.py, weight_guard.py)
+
+A module imports only its own layer or lower ones (cost and passes not each other), so `ir`
+imports nothing above it and `report` is imported only by the top; there is no import circle.
+"""
 
 from __future__ import annotations
 
@@ -17,18 +23,27 @@ import torch
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parent.parent
-# the stages' driver, explain(), and the model's accounting both of them call
-TOP = ("runlora_fx.backend", "runlora_fx.explainer", "runlora_fx.coverage")
+LAYERS = ("ir", "cost", "passes", "choice", "report")  # the folders
+RANK = {"ir": 0, "cost": 1, "passes": 1, "choice": 2, "report": 3, "top": 4}
+# the stages' driver, explain(), the model's accounting, the weight guard and the options
+TOP = {"runlora_fx", "runlora_fx.backend", "runlora_fx.explainer", "runlora_fx.coverage",
+       "runlora_fx.weight_guard", "runlora_fx.options"}
 
 
 def _modules() -> dict[str, Path]:
     found = {}
-    for folder, package in ((REPO / "runlora_fx", "runlora_fx"),
-                            (REPO / "passes", "runlora_fx.passes")):
-        for path in sorted(folder.glob("*.py")):
-            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
-            found[name] = path
+    for path in sorted((REPO / "runlora_fx").rglob("*.py")):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    for path in sorted((REPO / "passes").glob("*.py")):
+        name = "runlora_fx.passes" if path.stem == "__init__" else f"runlora_fx.passes.{path.stem}"
+        found[name] = path
     return found
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in LAYERS) else "top"
 
 
 def _runtime_imports(path: Path, package: str) -> set[str]:
@@ -44,14 +59,14 @@ def _runtime_imports(path: Path, package: str) -> set[str]:
             continue
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.startswith("runlora_fx")}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            module = node.module
+        elif isinstance(node, ast.ImportFrom) and (node.module or node.level):
+            module = node.module or ""
             if node.level:  # relative: resolve against the package
-                module = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]
-                                  + [module])
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([module] if module else []))
             if not module.startswith("runlora_fx"):
                 continue
-            # `from runlora_fx import records` imports the submodule runlora_fx.records
+            # `from runlora_fx.report import document` imports the submodule
             subs = {f"{module}.{a.name}" for a in node.names}
             found |= subs if any(s in _modules() for s in subs) else {module}
     return found
@@ -76,14 +91,33 @@ def test_no_import_circle():
     assert not cycles, cycles
 
 
+def test_every_module_is_in_a_layer_folder_or_on_top():
+    top = {m for m in _modules() if layer(m) == "top"}
+    assert top == TOP, top ^ TOP
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    graph = import_graph()
+    upward = [(a, b) for a, b in graph.edges
+              if layer(a) != layer(b) and RANK[layer(b)] >= RANK[layer(a)]]
+    assert not upward, upward
+
+
+def test_ir_imports_nothing_above_it():
+    graph = import_graph()
+    assert all(layer(b) == "ir" for a, b in graph.edges if layer(a) == "ir")
+
+
+def test_report_is_imported_only_by_the_top():
+    graph = import_graph()
+    users = {a for a, b in graph.edges if layer(b) == "report" and layer(a) != "report"}
+    assert users and all(layer(u) == "top" for u in users), users
+
+
 def test_only_the_top_imports_the_passes():
     graph = import_graph()
-    users = {a for a, b in graph.edges if b.startswith("runlora_fx.passes")}
-    core = {u for u in users if not u.startswith("runlora_fx.passes")}
-    assert core <= {*TOP}, core
-    for module in graph:
-        if module.startswith("runlora_fx.passes"):
-            assert not any(b in TOP for b in graph.successors(module)), module
+    users = {a for a, b in graph.edges if layer(b) == "passes" and layer(a) != "passes"}
+    assert users and all(layer(u) == "top" for u in users), users
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +138,9 @@ def test_the_wheel_holds_one_top_level_package(wheel):
     assert tops == {"runlora_fx"}
     assert "runlora_fx/passes/find_sites.py" in names
     assert not [n for n in names if n.startswith("passes/")]
+    installed = {"runlora_fx/passes/" + p.name if p.parent.name == "passes" else
+                 p.relative_to(REPO).as_posix() for p in _modules().values()}
+    assert installed <= set(names), installed - set(names)  # every layer's folder
 
 
 def test_the_metadata_admits_the_tested_torch_and_caps_none(wheel):

@@ -7,9 +7,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import runlora_fx
 from conftest import PlainCompile, peft_llama, twin
-from runlora_fx.cost import cost_of
-from runlora_fx.plans import Forward, Hidden, InputGrad, reference_plan
-from runlora_fx.partitioned import graph_flops, saved_activation_bytes, saved_tensors
+from runlora_fx.cost.cost import cost_of
+from runlora_fx.ir.plans import Forward, Hidden, InputGrad, reference_plan
+from runlora_fx.cost.partitioned import graph_flops, saved_activation_bytes, saved_tensors
 
 BATCH, SEQ = 2, 40  # N = 80 tokens > d/2: merging is cheaper
 
@@ -76,7 +76,7 @@ def test_step_flops_fall_by_the_analytic_saving_and_memory_falls():
         llama_step(eager, ids)
     flops_ours, flops_plain = step_flops(backend.reports[0]), step_flops(plain_backend.reports[0])
     saving = sum(
-        cost_of(reference_plan(d.site), d.site).flops - d.chosen.cost.flops
+        cost_of(reference_plan(d.unit), d.unit).flops - d.chosen.cost.flops
         for d in backend.reports[0].decisions
     )
     assert saving > 0

@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from runlora_fx.choose import choose
-from runlora_fx.cost import cost_of
-from runlora_fx import operands as ops
-from runlora_fx.execute import PlannedLora
-from runlora_fx.plans import (
+from runlora_fx.choice.criteria import choose
+from runlora_fx.cost.cost import cost_of
+from runlora_fx.ir import operands as ops
+from runlora_fx.ir.execute import UnitCall
+from runlora_fx.ir.plans import (
     Dropout, Forward, GradB, Hidden, InputGrad, plans_for, reference_plan,
 )
-from runlora_fx.site import Adapter, LoraSite
+from runlora_fx.ir.site import Adapter, LoraSite, SiteGroup
 from replay import keep_mask, replayed_positions
 
 
@@ -24,6 +24,11 @@ def make_site(
     scales = scales or [2.0 / (k + 1) for k in range(len(ranks))]
     adapters = tuple(Adapter(r, p, s, True, True) for r, s in zip(ranks, scales))
     return LoraSite("site", n, d_in, d_out, adapters, torch.float64, bias, bias_grad, x_grad, True)
+
+
+def alone(site: LoraSite) -> SiteGroup:
+    """The site as a planning unit of its own."""
+    return SiteGroup((site,))
 
 
 SITES = {
@@ -57,7 +62,7 @@ def tensors_for(site: LoraSite, seed: int = 0):
 
 
 def reference(site, x, w, b, a, bb, masks):
-    """The math of DESIGN.md §1, as eager PEFT writes it."""
+    """The math of docs/design.md ("The math"), as eager PEFT writes it."""
     y = torch.nn.functional.linear(x, w, b)
     for ad, a_k, b_k, m in zip(site.adapters, a, bb, masks):
         xd = x * m if ad.dropout_p > 0 else x
@@ -89,7 +94,7 @@ def masks_of(site, planned, masks):
 
 def run_plan(site, plan, x, w, b, a, bb, masks):
     """The plan's output and the masks it applied."""
-    planned = PlannedLora("test_site", site, plan)
+    planned = UnitCall("test_site", alone(site), plan)
     tensors = operand_tensors(planned, site, x, w, b, a, bb, masks)
     torch.manual_seed(SEED)
     return planned(tensors, [ad.scale for ad in site.adapters]), masks_of(site, planned, masks)
@@ -102,8 +107,8 @@ def leaves(x, b, a, bb):
 @pytest.mark.parametrize("name", SITES)
 def test_every_plan_matches_the_reference_math(name):
     site = SITES[name]
-    plans = plans_for(site)
-    assert reference_plan(site) in plans
+    plans = plans_for(alone(site))
+    assert reference_plan(alone(site)) in plans
     inputs = tensors_for(site)
     x, w, b, a, bb, masks = inputs
     dy = torch.randn(*x.shape[:-1], site.d_out, dtype=site.dtype)
@@ -123,18 +128,18 @@ def test_counted_flops_equal_flop_counter(name):
     inputs = tensors_for(site)
     x, w, b, a, bb, masks = inputs
     dy = torch.randn(*x.shape[:-1], site.d_out, dtype=site.dtype)
-    for plan in plans_for(site):
+    for plan in plans_for(alone(site)):
         run_plan(site, plan, *inputs)  # outside the counter: the masks' mul is not the plan's
         with FlopCounterMode(display=False) as counter:
             y, _ = run_plan(site, plan, *inputs)
             torch.autograd.grad(y, leaves(x, b, a, bb), dy)
-        assert counter.get_total_flops() == cost_of(plan, site).flops, plan.describe()
+        assert counter.get_total_flops() == cost_of(plan, alone(site)).flops, plan.describe()
 
 
 def test_hand_computed_costs_of_the_reference_plan():
     n, d_in, d_out, r = 24, 20, 12, 3
     site = make_site(n, d_in, d_out, (r,))
-    cost = cost_of(reference_plan(site), site)
+    cost = cost_of(reference_plan(alone(site)), alone(site))
     forward = 2 * n * d_in * d_out + 2 * n * d_in * r + 2 * n * r * d_out
     backward = 2 * n * d_out * d_in + 2 * n * d_out * r * 2 + 2 * n * r * d_in * 2
     assert cost.flops == forward + backward
@@ -142,28 +147,28 @@ def test_hand_computed_costs_of_the_reference_plan():
 
 
 def test_merging_is_never_offered_with_the_graphs_dropout():
-    plans = plans_for(SITES["dropout"])
+    plans = plans_for(alone(SITES["dropout"]))
     assert any(p.merges for p in plans)  # sparse dropout reads x: W + (s/q)·BA, corrected
     for plan in plans:
         if not plan.sparse_dropout:
             assert plan.forward is Forward.SPLIT
             assert plan.input_grad is InputGrad.SPLIT
-    for plan in plans_for(SITES["dropout"], sparse_dropout=False):
+    for plan in plans_for(alone(SITES["dropout"]), sparse_dropout=False):
         assert plan.dropout is Dropout.GRAPH and not plan.merges
 
 
 def test_plans_only_compute_required_grads():
-    for plan in plans_for(SITES["x-frozen"]):
+    for plan in plans_for(alone(SITES["x-frozen"])):
         assert plan.input_grad is None
 
 
 def test_choose_flops_prefers_merging_when_tokens_outnumber_features():
     site = make_site(n=4096, d_in=256, d_out=256, ranks=(8,))
-    chosen = choose(site, "flops", fusions=False).chosen  # the orders before GEMMs were shared
+    chosen = choose(alone(site), "flops", fusions=False).chosen  # the orders before GEMMs were shared
     assert chosen.plan.forward is Forward.MERGED
     assert chosen.plan.input_grad is InputGrad.MERGED_RECOMPUTE  # keeping W_eff costs memory
     assert chosen.plan.grad_b is GradB.VIA_H and chosen.plan.hidden is Hidden.RECOMPUTE
-    ref = cost_of(reference_plan(site), site)
+    ref = cost_of(reference_plan(alone(site)), alone(site))
     assert chosen.cost.flops < ref.flops
     assert chosen.cost.saved_bytes < ref.saved_bytes
 
@@ -172,26 +177,26 @@ def test_flops_ties_go_to_fewer_gemm_calls():
     """With GEMM sharing, h comes out of the merged forward's GEMM x·[W_eff; A]ᵀ: the same FLOPs
     as recomputing it in the backward, one call fewer (and the x re-read saved)."""
     site = make_site(n=4096, d_in=256, d_out=256, ranks=(8,))
-    unshared = choose(site, "flops", fusions=False).chosen
-    chosen = choose(site, "flops").chosen
+    unshared = choose(alone(site), "flops", fusions=False).chosen
+    chosen = choose(alone(site), "flops").chosen
     assert chosen.plan.forward is Forward.MERGED and chosen.plan.fold_x
     assert chosen.plan.input_grad is InputGrad.MERGED_RECOMPUTE
     assert chosen.plan.hidden is Hidden.SAVE
     assert chosen.cost.flops == unshared.cost.flops
     assert chosen.cost.gemms < unshared.cost.gemms
-    assert chosen.cost.saved_bytes <= cost_of(reference_plan(site), site).saved_bytes
+    assert chosen.cost.saved_bytes <= cost_of(reference_plan(alone(site)), alone(site)).saved_bytes
 
 
 def test_choose_never_saves_more_than_peft():
     for site in SITES.values():
         for criterion in ("flops", "memory"):
-            decision = choose(site, criterion)
-            assert decision.chosen.cost.saved_bytes <= cost_of(reference_plan(site), site).saved_bytes
+            decision = choose(alone(site), criterion)
+            assert decision.chosen.cost.saved_bytes <= cost_of(reference_plan(alone(site)), alone(site)).saved_bytes
 
 
 def test_memory_criterion_minimises_saved_bytes():
     site = make_site(n=4, d_in=40, d_out=36, ranks=(8,))
-    decision = choose(site, "memory")
+    decision = choose(alone(site), "memory")
     assert decision.chosen.cost.saved_bytes == min(c.cost.saved_bytes for c in decision.candidates)
 
 
@@ -200,9 +205,9 @@ def test_flops_ties_go_to_fewer_bytes_moved():
     # moves more bytes: the PEFT order must win the tie.
     # (among the orders without GEMM sharing: with it, one GEMM less wins the tie first)
     site = make_site(n=512, d_in=512, d_out=512, ranks=(64,))
-    merged = [c for c in choose(site, "flops", fusions=False).candidates
+    merged = [c for c in choose(alone(site), "flops", fusions=False).candidates
               if c.plan.forward is Forward.MERGED and c.plan.input_grad is InputGrad.SPLIT
-              and c.plan.hidden is Hidden.RECOMPUTE and c.plan.grad_a == reference_plan(site).grad_a]
-    ref = cost_of(reference_plan(site), site)
+              and c.plan.hidden is Hidden.RECOMPUTE and c.plan.grad_a == reference_plan(alone(site)).grad_a]
+    ref = cost_of(reference_plan(alone(site)), alone(site))
     assert merged and merged[0].cost.flops == ref.flops and merged[0].cost.bytes_moved > ref.bytes_moved
-    assert choose(site, "flops", fusions=False).chosen.plan == reference_plan(site)
+    assert choose(alone(site), "flops", fusions=False).chosen.plan == reference_plan(alone(site))

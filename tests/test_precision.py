@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from conftest import load_script
-from runlora_fx.precision import RULE, Precision, Rounding, kind, precision_reason
-from runlora_fx.site import Adapter, LoraSite
+from runlora_fx.ir.precision import RULE, Precision, kind, precision_reason
+from runlora_fx.ir.rounding import Rounding
+from runlora_fx.ir.site import Adapter, LoraSite
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))  # precision_plans imports as precision_exp's plugin
@@ -97,10 +98,10 @@ def _site(**dtypes) -> LoraSite:
 
 
 def test_kinds_and_reasons():
-    peft_default = _site(adapter_dtype=torch.float32, branch_dtype=torch.float32,
-                         out_dtype=torch.bfloat16)
+    peft_default = _site(adapter_dtype=torch.float32, lora_dtype=torch.float32,
+                         result_dtype=torch.bfloat16)
     autocast = LoraSite("s", 4096, 64, 64, (Adapter(4, 0.0, 1.0, True, True),), torch.float32,
-                        False, False, True, True, compute_dtype=torch.bfloat16)
+                        False, False, True, True, base_dtype=torch.bfloat16)
     assert (kind(_site()), kind(peft_default), kind(autocast)) == ("bf16", "bf16-peft", "autocast")
     assert "uniform W" in precision_reason(_site(), True, Rounding.NEAREST, None)
     assert "1.295" in precision_reason(peft_default, True, Rounding.STOCHASTIC, Precision.SITE)

@@ -13,10 +13,10 @@ import torch
 
 import runlora_fx
 from conftest import PlainCompile, assert_grads_match, load_script, peft_llama, rel_err, twin
-from runlora_fx.partitioned import graph_flops
-from runlora_fx.plans import reference_plan
-from runlora_fx.cost import cost_of
-from runlora_fx.program import metas_of, program_for
+from runlora_fx.cost.partitioned import graph_flops
+from runlora_fx.ir.plans import reference_plan
+from runlora_fx.cost.cost import cost_of
+from runlora_fx.ir.program import metas_of, program_for
 
 BATCH, SEQ = 2, 40
 MM = (torch.ops.aten.mm.default,)

@@ -11,7 +11,7 @@ from transformers import Trainer, TrainingArguments
 
 import runlora_fx
 from conftest import assert_grads_match, enable_checkpointing, peft_llama, rel_err, twin
-from runlora_fx.plans import Forward
+from runlora_fx.ir.plans import Forward
 
 EAGER_INNER = {"inner": "eager"}
 

@@ -4,7 +4,8 @@ One JSON file per entry, named by a hash of its key, under `<root>/<torch versio
 A writer fills a temporary file in the same folder and `os.replace`s it into place, which is
 atomic on POSIX and Windows: concurrent writers of one entry leave one whole file, never a mix.
 A file that does not parse, or whose stored key is not the key asked for, is ignored with a
-warning; a folder that cannot be written only costs the reuse, never the run.
+warning; a folder that cannot be written only costs the reuse, never the run. The default root
+is `compat.default_cache_dir()`.
 """
 
 from __future__ import annotations
@@ -24,18 +25,9 @@ import torch
 
 log = logging.getLogger("runlora_fx")
 
-CACHE_ENV = "RUNLORA_CACHE_DIR"
 FORMAT = "runlora_fx.cache/1"
 
 Key = Mapping[str, Any]
-
-
-def default_cache_dir() -> Path:
-    """$RUNLORA_CACHE_DIR, else the user cache dir ($XDG_CACHE_HOME or ~/.cache)/runlora_fx."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "runlora_fx"
 
 
 def device_name(device: torch.device) -> str:

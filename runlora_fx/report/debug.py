@@ -5,7 +5,7 @@ backend is constructed, never at import); `debug_dir=""` turns it off even when 
 set. Each compiled graph claims the next free `graph_NNN` folder under it, so graphs, processes
 and repeated runs never overwrite each other. A folder holds
 
-    sites.json                what was found, considered and chosen (records.py)
+    sites.json                what was found, considered and chosen (document.py)
     report.md                 the same as a table
     before_rewrite.py         the Dynamo graph as captured
     after_rewrite.py          the Dynamo graph with each site replaced by its planned call
@@ -30,10 +30,9 @@ from pathlib import Path
 
 import torch.fx as fx
 
-from runlora_fx import records
-from runlora_fx.options import Options
-from runlora_fx.outside import Outside
-from runlora_fx.records import GraphReport
+from runlora_fx.report import document, render
+from runlora_fx.report.graph_report import GraphReport
+from runlora_fx.report.outside import Outside
 
 ENV_VAR = "RUNLORA_DEBUG_DIR"
 GRAPH_FOLDER = re.compile(r"graph_(\d+)")
@@ -46,10 +45,11 @@ class DebugDirError(OSError):
     """The debug dump directory cannot be created or written."""
 
 
-def resolve_debug_dir(options: Options) -> tuple[Path | None, str]:
-    """(directory or None, where it came from): the option wins over the environment."""
-    if options.debug_dir is not None:
-        return (Path(options.debug_dir) if options.debug_dir else None), "option debug_dir"
+def resolve_debug_dir(debug_dir: str | None) -> tuple[Path | None, str]:
+    """(directory or None, where it came from): the option `debug_dir` wins over the
+    environment; "" turns the dump off."""
+    if debug_dir is not None:
+        return (Path(debug_dir) if debug_dir else None), "option debug_dir"
     from_env = os.environ.get(ENV_VAR)
     return (Path(from_env) if from_env else None), f"environment variable {ENV_VAR}"
 
@@ -92,17 +92,17 @@ class GraphDebug:
         self.folder = folder
         self.report = report
         self.criterion = criterion
-        self.graph = records.graph_name(report)  # the compile id exists only while compiling
+        self.graph = document.graph_name(report)  # the compile id exists only while compiling
 
     def planned(self, gm: fx.GraphModule) -> None:
         """After choose, before rewrite: log the decisions, write them and the Dynamo graph."""
         if self.folder is None and not logger.isEnabledFor(logging.INFO):
             return
-        doc = records.document([(self.graph, self.report)], self.criterion)
+        doc = document.document([(self.graph, self.report)], self.criterion)
         where = f"; dump {self.folder}" if self.folder is not None else ""
-        logger.info("%s%s", records.summary_line(doc), where)
+        logger.info("%s%s", render.summary_line(doc), where)
         if logger.isEnabledFor(logging.DEBUG):
-            for line in records.site_lines(doc):
+            for line in render.site_lines(doc):
                 logger.debug("%s", line)
         if self.folder is None:
             return
@@ -112,12 +112,12 @@ class GraphDebug:
     def accounted(self, outside: Outside) -> None:
         """The model's accounting is settled: sites.json and report.md carry it."""
         if self.folder is not None:
-            self._write_document(records.document([(self.graph, self.report)], self.criterion))
+            self._write_document(document.document([(self.graph, self.report)], self.criterion))
 
     def _write_document(self, doc: dict) -> None:
         assert self.folder is not None
         self._write("sites.json", json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
-        self._write("report.md", records.render(doc, title=f"runlora {self.folder.name}"))
+        self._write("report.md", render.render(doc, title=f"runlora {self.folder.name}"))
 
     def rewritten(self, gm: fx.GraphModule) -> None:
         if self.folder is not None:
@@ -136,10 +136,10 @@ class GraphDebug:
 class DebugOutput:
     """Per backend: where dumps go; `start` begins the debug output of one graph."""
 
-    def __init__(self, options: Options) -> None:
-        path, source = resolve_debug_dir(options)
+    def __init__(self, debug_dir: str | None, criterion: str) -> None:
+        path, source = resolve_debug_dir(debug_dir)
         self.root = open_debug_dir(path, source) if path is not None else None
-        self.criterion = options.criterion
+        self.criterion = criterion
 
     def start(self, report: GraphReport, gm: fx.GraphModule) -> GraphDebug:
         folder = claim_graph_folder(self.root) if self.root is not None else None

@@ -4,21 +4,22 @@ FLOPs count matmuls only, 2·m·k·n each, exactly as `torch.utils.flop_counter`
 count every step's operands and result once, each at its own dtype's size (m·k + k·n + m·n
 elements for a matmul; views — slices, transposes — move nothing); saved bytes are the
 activations the backward reads from the forward (weights excluded); `gemms` counts the matmul
-calls, which on a CPU cost more than their FLOPs say (DESIGN.md §6); `draws` counts random
-numbers drawn. A plan that reads the graph's own dropout pays for it here too (a dense mask
-drawn, applied forward and backward, and kept), since its program only receives D(x).
+calls, which on a CPU cost more than their FLOPs say (docs/choosing.md, "Roofline model");
+`draws` counts random numbers drawn. A plan that reads the graph's own dropout pays for it here
+too (a dense mask drawn, applied forward and backward, and kept), since its program only
+receives D(x).
 """
 
 from __future__ import annotations
 
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, fields
 
-from runlora_fx import operands as ops
-from runlora_fx.dropout import expected_count
-from runlora_fx.plans import Dropout, Plan
-from runlora_fx.program import Program, metas_of, program_for
-from runlora_fx.steps import Meta, Step, infer, mm_dims
-from runlora_fx.site import LoraSite, SiteGroup, as_group
+from runlora_fx.ir import operands as ops
+from runlora_fx.ir.dropout import expected_count
+from runlora_fx.ir.plans import Dropout, Plan
+from runlora_fx.ir.program import Program, metas_of, program_for
+from runlora_fx.ir.steps import Meta, Step, infer, mm_dims
+from runlora_fx.ir.site import SiteGroup
 
 VIEWS = ("slice", "t")
 SPARSE = ("s_times_at", "lt_times_s", "zero_at", "minus_dots_at")
@@ -39,6 +40,24 @@ class Cost:
 
     def __add__(self, other: Cost) -> Cost:
         return Cost(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+
+@dataclass(frozen=True)
+class AffineCost:
+    """A plan's cost as a function of N: slope·N + constant, each count exactly."""
+
+    slope: Cost
+    constant: Cost
+
+    @classmethod
+    def between(cls, at0: Cost, at1: Cost) -> AffineCost:
+        """From the costs at N = 0 and N = 1."""
+        return cls(Cost(*(b - a for a, b in zip(astuple(at0), astuple(at1)))), at0)
+
+    def describe(self, symbol: str) -> dict[str, str]:
+        """Each count as text in `symbol`: "64*(N) + 512"."""
+        return {f.name: f"{getattr(self.slope, f.name)}*({symbol}) + "
+                        f"{getattr(self.constant, f.name)}" for f in fields(Cost)}
 
 
 @dataclass(frozen=True)
@@ -77,7 +96,7 @@ def _sparse_bytes(step: Step, metas: dict[str, Meta]) -> int:
     return count * (4 + elt + a_shape[0] * (left_dtype.itemsize + a_dtype.itemsize))
 
 
-def step_costs(program: Program, unit: LoraSite | SiteGroup) -> list[StepCost]:
+def step_costs(program: Program, unit: SiteGroup) -> list[StepCost]:
     """Every step of forward then backward with its FLOPs, bytes and draws, in program order."""
     metas = dict(ops.shapes_and_dtypes(unit, program.graph_dropout))
     costs: list[StepCost] = []
@@ -104,14 +123,14 @@ def step_costs(program: Program, unit: LoraSite | SiteGroup) -> list[StepCost]:
     return costs
 
 
-def graph_dropout_cost(plan: Plan, unit: LoraSite | SiteGroup) -> Cost:
+def graph_dropout_cost(plan: Plan, unit: SiteGroup) -> Cost:
     """What the graph's own dropouts cost a plan that reads them: per branch an N×d mask drawn
     and kept (1 byte an element), x read and D(x) written, and in the backward the grad read,
     the mask read and the grad written again."""
     if plan.dropout is not Dropout.GRAPH:
         return Cost(0, 0, 0)
     total = Cost(0, 0, 0)
-    for site in as_group(unit).members:
+    for site in unit.members:
         for adapter in site.adapters:
             if adapter.reads_base_input:
                 continue
@@ -120,13 +139,13 @@ def graph_dropout_cost(plan: Plan, unit: LoraSite | SiteGroup) -> Cost:
     return total
 
 
-def saved_bytes(program: Program, unit: LoraSite | SiteGroup) -> int:
+def saved_bytes(program: Program, unit: SiteGroup) -> int:
     metas = metas_of(program, unit)
     parameters = ops.parameter_names(unit)
     return sum(_nbytes(metas[name]) for name in program.saved if name not in parameters)
 
 
-def cost_of(plan: Plan, unit: LoraSite | SiteGroup) -> Cost:
+def cost_of(plan: Plan, unit: SiteGroup) -> Cost:
     program = program_for(plan, unit)
     steps = step_costs(program, unit)
     return Cost(
@@ -136,3 +155,8 @@ def cost_of(plan: Plan, unit: LoraSite | SiteGroup) -> Cost:
         gemms=sum(s.step.op == "mm" for s in steps),
         draws=sum(s.draws for s in steps),
     ) + graph_dropout_cost(plan, unit)
+
+
+def affine_cost(plan: Plan, unit: SiteGroup) -> AffineCost:
+    """The plan's cost at every N, from its costs at N = 0 and N = 1."""
+    return AffineCost.between(cost_of(plan, unit.with_n(0)), cost_of(plan, unit.with_n(1)))

@@ -1,5 +1,6 @@
 """Runs a plan's program: an autograd.Function that AOTAutograd traces, forward and custom
-backward, into plain aten ops for Inductor (DESIGN.md §2)."""
+backward, into plain aten ops for Inductor (docs/design.md, "The partitioner decides what is
+saved": the forward steps a plan recomputes are annotated here for passes/recompute_tags.py)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ from typing import Any
 import torch
 from torch.fx.traceback import annotate
 
-from runlora_fx import dropout
-from runlora_fx import operands as ops
-from runlora_fx.plans import Plan
-from runlora_fx.precision import round_to
-from runlora_fx.program import Program, program_for
-from runlora_fx.steps import Step
-from runlora_fx.site import LoraSite, SiteGroup, as_group
+from runlora_fx.ir import dropout
+from runlora_fx.ir import operands as ops
+from runlora_fx.ir.plans import Plan
+from runlora_fx.ir.rounding import round_to
+from runlora_fx.ir.program import Program, program_for
+from runlora_fx.ir.steps import Step
+from runlora_fx.ir.site import SiteGroup
 
 # Forward nodes traced under this annotation are tagged MUST_RECOMPUTE by passes/recompute_tags.
 RECOMPUTE_ANNOTATION = "runlora_recompute"
@@ -88,7 +89,7 @@ def run_steps(
             env[step.out] = _apply(step, env, scales, operands, tag)
 
 
-class PlannedFunction(torch.autograd.Function):
+class ProgramFunction(torch.autograd.Function):
     """Forward and backward of one program over the unit's operand tensors (in `names`)."""
 
     @staticmethod
@@ -120,14 +121,14 @@ class PlannedFunction(torch.autograd.Function):
         return (None, None, None, None, *grads)
 
 
-class PlannedLora:
+class UnitCall:
     """The callable a rewritten graph calls in place of a unit's nodes: it takes the unit's
     operands (operands.py order; None where an operand is absent) and returns each member's
     result, shaped like its base linear's."""
 
-    def __init__(self, name: str, unit: LoraSite | SiteGroup, plan: Plan) -> None:
+    def __init__(self, name: str, unit: SiteGroup, plan: Plan) -> None:
         self.__name__ = name  # FX codegen names the global after it
-        self.unit = as_group(unit)
+        self.unit = unit
         self.plan = plan
         self.program = program_for(plan, self.unit)
         self.operands = ops.operands(self.unit, self.program.graph_dropout)
@@ -140,7 +141,7 @@ class PlannedLora:
         flat = [t.reshape(-1, t.shape[-1]) if op.role in ACTIVATIONS else t
                 for op, t in zip(self.operands, tensors)]
         names = tuple(op.name for op in self.operands)
-        out = PlannedFunction.apply(self.program, self.__name__, tuple(scales), names, *flat)
+        out = ProgramFunction.apply(self.program, self.__name__, tuple(scales), names, *flat)
         outs = out if isinstance(out, tuple) else (out,)
         shaped = tuple(y.reshape(*lead, site.d_out) for y, site in zip(outs, self.unit.members))
         return shaped[0] if len(shaped) == 1 else shaped

@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from runlora_fx import operands as ops
-from runlora_fx.execute import PlannedFunction
-from runlora_fx.plans import Plan
-from runlora_fx.program import program_for
-from runlora_fx.site import LoraSite, SiteGroup, as_group
+from runlora_fx.ir import operands as ops
+from runlora_fx.ir.execute import ProgramFunction
+from runlora_fx.ir.plans import Plan
+from runlora_fx.ir.program import program_for
+from runlora_fx.ir.site import SiteGroup
 
 log = logging.getLogger("runlora_fx")
 
@@ -33,9 +33,9 @@ MAX_ROUNDS = 200
 FINALIST_RATIO = 1.15  # plans this close to the fastest are timed again before choosing
 
 
-def unit_signature(unit: LoraSite | SiteGroup) -> dict[str, Any]:
+def unit_signature(unit: SiteGroup) -> dict[str, Any]:
     """Everything a plan's time depends on (not the paths, the scale values or the symbol)."""
-    members = as_group(unit).members
+    members = unit.members
     site = members[0]
     signature: dict[str, Any] = {
         "device": site.device,
@@ -50,12 +50,12 @@ def unit_signature(unit: LoraSite | SiteGroup) -> dict[str, Any]:
 
 
 def unit_inputs(
-    unit: LoraSite | SiteGroup, device: torch.device
+    unit: SiteGroup, device: torch.device
 ) -> tuple[tuple[str, ...], list[torch.Tensor], tuple[float, ...]]:
     """Names, random tensors (leaves, requiring grad as at the unit) and scales for a unit:
     every operand but the graph dropouts' D(x), which a timed step draws (`_graph_dropouts`)."""
     gen = torch.Generator(device=device).manual_seed(0)
-    members = as_group(unit).members
+    members = unit.members
     tensors = []
     leaves = ops.operands(unit, graph_dropout=False)
     for op in leaves:
@@ -82,7 +82,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_plans(
-    unit: LoraSite | SiteGroup,
+    unit: SiteGroup,
     plans: Sequence[Plan],
     device: torch.device,
     budget_s: float = BUDGET_S,
@@ -96,7 +96,7 @@ def time_plans(
     one session's ranking is one draw of that; the median over sessions is the plan's time."""
     # the dropouts and seeds a timed step draws must not move the caller's random stream
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        per_session = [_session(as_group(unit), plans, device, budget_s, min_rounds)
+        per_session = [_session(unit, plans, device, budget_s, min_rounds)
                        for _ in range(sessions)]
     return {plan: statistics.median(s[plan] for s in per_session) for plan in plans}
 
@@ -121,7 +121,7 @@ def _session(
         env = dict(zip(names, tensors))
         if programs[plan].graph_dropout:
             _graph_dropouts(unit, env)
-        out = PlannedFunction.apply(programs[plan], "timing", scales, reads[plan],
+        out = ProgramFunction.apply(programs[plan], "timing", scales, reads[plan],
                                     *(env[name] for name in reads[plan]))
         if wants_grad:
             torch.autograd.grad(out, wants_grad, dys if isinstance(out, tuple) else dys[0])

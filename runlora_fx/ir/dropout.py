@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor
 
-from runlora_fx import dropout_kernels as kernels
+from runlora_fx.ir import dropout_kernels as kernels
 
 FIRST_BATCH_SDS = 4.0  # gaps drawn at once: mean + 4 sd, so a second batch is rare (~3e-5)
 SEED_HIGH = 2**62

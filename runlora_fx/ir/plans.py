@@ -1,5 +1,6 @@
 """Candidate plans of a unit (a site, or sites reading the same x): one choice per contraction
-order (DESIGN.md §1), per dtype the LoRA products run in, and per way of sharing a GEMM.
+order (docs/design.md, "Plans from contraction orders"), per dtype the LoRA products run in,
+and per way of sharing a GEMM (sharing.SHARING).
 
 A `Plan` is plain data, like an opt_einsum path: the enumerator proposes every combination,
 `illegal_reason` says which are not equivalent for a given unit (precision.py adds the measured
@@ -13,8 +14,10 @@ import enum
 import itertools
 from dataclasses import dataclass, fields, replace
 
-from runlora_fx.precision import Precision, Rounding, precision_reason
-from runlora_fx.site import Base, LoraSite, SiteGroup, as_group
+from runlora_fx.ir.sharing import SHARING, Sharing
+from runlora_fx.ir.precision import Precision, precision_reason
+from runlora_fx.ir.rounding import Rounding
+from runlora_fx.ir.site import Base, LoraSite, SiteGroup, dtype_name
 
 
 class Forward(enum.Enum):
@@ -65,7 +68,8 @@ class Plan:
     branch: Precision | None = None  # None: the LoRA products run in the base dtype anyway
     rounding: Rounding | None = None  # None: nothing merged, or the base dtype is 32-bit
     dropout: Dropout | None = None  # None: no branch of the unit has an active dropout
-    # GEMMs that share an operand, run as one (every output element is the same dot product):
+    # GEMMs that share an operand, run as one (every output element is the same dot product);
+    # one flag per row of sharing.SHARING:
     fold_x: bool = False  # x·[W; A]ᵀ → a member's base product and its h's
     fold_dy: bool = False  # dy·[W | s·B] → a member's dy·W (or dx) and its dh's
     group_h: bool = False  # x·[A_1; A_2; …]ᵀ → every h of the unit
@@ -88,10 +92,13 @@ class Plan:
             parts.append(f"W_eff rounded {self.rounding.value}")
         if self.dropout is not None:
             parts.append(self.dropout.value)
-        for flag, text in FUSIONS:
-            if getattr(self, flag):
-                parts.append(text)
+        parts += [way.text for way in self.sharing]
         return " · ".join(parts)
+
+    @property
+    def sharing(self) -> tuple[Sharing, ...]:
+        """The ways this plan shares GEMMs (rows of sharing.SHARING)."""
+        return tuple(way for way in SHARING if getattr(self, way.flag))
 
     @property
     def merges(self) -> bool:
@@ -109,19 +116,14 @@ class Plan:
     @property
     def groups_members(self) -> bool:
         """Shares a GEMM across sites (q/k/v), not only within one."""
-        return self.stack_w or self.group_h or self.group_da
+        return any(way.across_members for way in self.sharing)
+
+    def within_members(self) -> Plan:
+        """The plan without its sharing across members (each member's own part of it)."""
+        return replace(self, **{way.flag: False for way in SHARING if way.across_members})
 
 
-FUSIONS = (
-    ("fold_x", "x·[W;A]ᵀ"),
-    ("fold_dy", "dy·[W|sB]"),
-    ("group_h", "x·[A…]ᵀ"),
-    ("group_da", "[dh…]ᵀx"),
-    ("stack_w", "x·[W…]ᵀ"),
-)
-
-
-def reference_plan(unit: LoraSite | SiteGroup) -> Plan:
+def reference_plan(unit: SiteGroup) -> Plan:
     """What eager PEFT (and plain Inductor) computes: split everywhere, h saved, each product in
     the dtype the site runs it in."""
     return canonical(
@@ -141,10 +143,10 @@ def _has_dropout(members: tuple[LoraSite, ...]) -> bool:
     return any(not a.reads_base_input for s in members for a in s.adapters)
 
 
-def canonical(plan: Plan, unit: LoraSite | SiteGroup) -> Plan:
+def canonical(plan: Plan, unit: SiteGroup) -> Plan:
     """Drop the choices the unit makes irrelevant (grads not required, h not read, a dtype
     that is already the base's, a GEMM with nothing to share)."""
-    members = as_group(unit).members
+    members = unit.members
     first = members[0]
     any_a = any(a.a_requires_grad for s in members for a in s.adapters)
     any_b = any(a.b_requires_grad for s in members for a in s.adapters)
@@ -175,9 +177,9 @@ def canonical(plan: Plan, unit: LoraSite | SiteGroup) -> Plan:
     )
 
 
-def illegal_reason(plan: Plan, unit: LoraSite | SiteGroup) -> str | None:
+def illegal_reason(plan: Plan, unit: SiteGroup) -> str | None:
     """Why `plan` is not equivalent to the unit's math, or None when it is."""
-    members = as_group(unit).members
+    members = unit.members
     site = members[0]
     if plan.merges and any(s.base is Base.OPAQUE for s in members):
         return "merging W + sBA needs W as a tensor; this base is a quantized op"
@@ -207,8 +209,8 @@ def illegal_reason(plan: Plan, unit: LoraSite | SiteGroup) -> str | None:
         return "a 16-bit W_eff needs a rounding"
     lora_in_base = plan.branch is not Precision.SITE or site.lora_dtype == site.base_dtype
     if (plan.fold_x or plan.fold_dy) and not lora_in_base:
-        return (f"one GEMM cannot run the base in {_name(site.base_dtype)} and the LoRA "
-                f"products in {_name(site.lora_dtype)}")
+        return (f"one GEMM cannot run the base in {dtype_name(site.base_dtype)} and the LoRA "
+                f"products in {dtype_name(site.lora_dtype)}")
     for s in members:
         reason = precision_reason(s, plan.merges, plan.rounding, plan.branch,
                                   sparse_dropout=plan.sparse_dropout)
@@ -229,10 +231,6 @@ def _sparse_reason(members: tuple[LoraSite, ...]) -> str | None:
             if a.dropout_p >= 1.0:
                 return "dropout p = 1 drops every element: D(x) is 0, there is no x − S"
     return None
-
-
-def _name(dtype: object) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def _choices(unit: SiteGroup, rounding: Rounding, fusions: bool,
@@ -264,18 +262,17 @@ def _choices(unit: SiteGroup, rounding: Rounding, fusions: bool,
 
 
 def plans_for(
-    unit: LoraSite | SiteGroup, rounding: Rounding = Rounding.NEAREST, fusions: bool = True,
+    unit: SiteGroup, rounding: Rounding = Rounding.NEAREST, fusions: bool = True,
     sparse_dropout: bool = True,
 ) -> list[Plan]:
     """Every legal, distinct plan for the unit, in a stable order. `rounding` is the one a
     merged 16-bit W_eff uses (option merge_rounding); `fusions=False` leaves out the plans that
     share GEMMs; `sparse_dropout=False` keeps every graph's dropout (option dropout)."""
-    group = as_group(unit)
-    choices = _choices(group, rounding, fusions, sparse_dropout)
+    choices = _choices(unit, rounding, fusions, sparse_dropout)
     assert list(choices) == [f.name for f in fields(Plan)], "one list of values per field"
     seen: dict[Plan, None] = {}
     for combo in itertools.product(*choices.values()):
-        plan = canonical(Plan(*combo), group)
-        if plan not in seen and illegal_reason(plan, group) is None:
+        plan = canonical(Plan(*combo), unit)
+        if plan not in seen and illegal_reason(plan, unit) is None:
             seen[plan] = None
     return list(seen)

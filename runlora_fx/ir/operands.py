@@ -1,11 +1,12 @@
-"""The operands of a planning unit: the one place that names its tensors.
+"""The operands of a planning unit, and the one place that names a program's tensors.
 
 A unit is a group of sites reading the same x (a single site is a group of one). Its operands
 are x, and per member m: W (absent for an opaque base, whose result `base` comes in instead),
 b, and per adapter k: D(x) (only for a dropout branch whose plan reads the graph's dropout),
-A and B. Programs, costs, the executor,
-the timer, the memory budget and the rewriter all read these records and nothing else, so a
-name means the same tensor everywhere.
+A and B. Programs, costs, the executor, the timer, the memory budget and the rewriter all read
+these records and nothing else, so a name means the same tensor everywhere. The values a
+program computes are named here too (`value`, `derived`), so a name read in one place is the
+name made in another.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from runlora_fx.site import Base, LoraSite, SiteGroup, WeightLayout, as_group
+from runlora_fx.ir.site import Base, LoraSite, SiteGroup, WeightLayout, dtype_name
 
 Shape = tuple[int, ...]
 
@@ -50,6 +51,7 @@ class Operand:
 # Member m, adapter k. Single sites use member 0, so their names are the same in every unit.
 
 X = "x"
+DX = "dx"  # the grad of x, summed over members and adapters
 
 
 def weight(m: int) -> str:
@@ -76,12 +78,37 @@ def dropped(m: int, k: int) -> str:
     return f"xd{m}.{k}"
 
 
-def output(m: int) -> str:
-    return f"y{m}"
-
-
 def tangent(m: int) -> str:
     return f"dy{m}"
+
+
+def value(stem: str, m: int, k: int | None = None) -> str:
+    """A value the program computes for member m (and its adapter k): "xW0", "h0.1"."""
+    return f"{stem}{m}" if k is None else f"{stem}{m}.{k}"
+
+
+class Derived(enum.Enum):
+    """How a name derives from other names (and numbers): the template they fill."""
+
+    CAST = "{}:{}"  # a value in another dtype (its name)
+    RECOMPUTED = "{}~"  # the backward's own recompute of a value the forward computed fused
+    VIEW = "{}@"  # a slice of a fused GEMM, before the copy that gives it its own storage
+    TRANSPOSED = "{}ᵀ"  # a transposed view
+    JOINED = "cat({})"  # operands concatenated (their names, comma-separated)
+    FUSED = "mm({})"  # one GEMM for several (their results' names, comma-separated)
+    ON_X = "x{}"  # h's product on x itself, before its sparse-dropout correction
+    DENSE = "{}:x"  # leftᵀ·x, before its sparse-dropout correction
+    AT_DROPPED = "{}:S"  # leftᵀ·S: the same product at the dropped positions only
+    DIFFERENCE = "{}−{}"  # one value less another
+    OVER_Q = "{}/q"  # divided by q = 1 − p
+    MASKED = "{}·m"  # with the dropped positions zeroed
+    CORRECTED = "{}−C{}"  # a merged dx less adapter k's correction at its dropped positions
+    GRAM = "G{}[{}]"  # member m's dyᵀ·D(x), for the input its adapters read
+
+
+def derived(how: Derived, *parts: object) -> str:
+    """The name `how` makes of `parts` (a dtype is named as the reports name it)."""
+    return how.value.format(*(dtype_name(p) if isinstance(p, torch.dtype) else p for p in parts))
 
 
 def lora_input(site: LoraSite, m: int, k: int, graph_dropout: bool = True) -> str:
@@ -103,44 +130,42 @@ def site_operands(site: LoraSite, m: int = 0, graph_dropout: bool = True) -> lis
         shape = (site.d_out, site.d_in)
         if site.weight_layout is WeightLayout.IN_OUT:
             shape = (site.d_in, site.d_out)
-        found.append(Operand(weight(m), Role.WEIGHT, shape, site.w_dtype, False, m))
+        found.append(Operand(weight(m), Role.WEIGHT, shape, site.weight_dtype, False, m))
         if site.has_bias:
-            found.append(Operand(bias(m), Role.BIAS, (site.d_out,), site.w_dtype,
+            found.append(Operand(bias(m), Role.BIAS, (site.d_out,), site.weight_dtype,
                                  site.bias_requires_grad, m))
     for k, a in enumerate(site.adapters):
         if graph_dropout and not a.reads_base_input:
             found.append(Operand(dropped(m, k), Role.LORA_INPUT, (site.n, site.d_in),
                                  site.lora_dtype, site.x_requires_grad, m, k))
     for k, a in enumerate(site.adapters):
-        found.append(Operand(lora_a(m, k), Role.LORA_A, (a.r, site.d_in), site.a_dtype,
+        found.append(Operand(lora_a(m, k), Role.LORA_A, (a.r, site.d_in), site.adapter_dtype,
                              a.a_requires_grad, m, k))
-        found.append(Operand(lora_b(m, k), Role.LORA_B, (site.d_out, a.r), site.a_dtype,
+        found.append(Operand(lora_b(m, k), Role.LORA_B, (site.d_out, a.r), site.adapter_dtype,
                              a.b_requires_grad, m, k))
     return found
 
 
-def operands(unit: LoraSite | SiteGroup, graph_dropout: bool = True) -> tuple[Operand, ...]:
+def operands(unit: SiteGroup, graph_dropout: bool = True) -> tuple[Operand, ...]:
     """x, then each member's operands: the order the planned call takes its tensors in.
     `graph_dropout`: whether the plan reads its dropout branches' D(x) from the graph."""
-    group = as_group(unit)
-    first = group.members[0]
-    x = Operand(X, Role.X, (first.n, first.d_in), first.dtype, first.x_requires_grad)
+    first = unit.members[0]
+    x = Operand(X, Role.X, (unit.n, first.d_in), first.dtype, first.x_requires_grad)
     found = [x]
-    for m, site in enumerate(group.members):
+    for m, site in enumerate(unit.members):
         found += site_operands(site, m, graph_dropout)
     return tuple(found)
 
 
 def shapes_and_dtypes(
-    unit: LoraSite | SiteGroup, graph_dropout: bool = True
+    unit: SiteGroup, graph_dropout: bool = True
 ) -> dict[str, tuple[Shape, torch.dtype]]:
     """Every operand and every tangent (dy per member), by name."""
-    group = as_group(unit)
-    found = {op.name: (op.shape, op.dtype) for op in operands(group, graph_dropout)}
-    for m, site in enumerate(group.members):
+    found = {op.name: (op.shape, op.dtype) for op in operands(unit, graph_dropout)}
+    for m, site in enumerate(unit.members):
         found[tangent(m)] = ((site.n, site.d_out), site.result_dtype)
     return found
 
 
-def parameter_names(unit: LoraSite | SiteGroup) -> frozenset[str]:
+def parameter_names(unit: SiteGroup) -> frozenset[str]:
     return frozenset(op.name for op in operands(unit) if op.role.is_parameter)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from runlora_fx.cache import default_cache_dir
+from runlora_fx.ir.compat import default_cache_dir
 
 log = logging.getLogger("runlora_fx")
 

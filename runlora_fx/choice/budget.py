@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 
-from runlora_fx import operands as ops
-from runlora_fx.choose import CRITERIA, Candidate, Decision, SortKey
-from runlora_fx.plans import reference_plan
-from runlora_fx.program import program_for
-from runlora_fx.site import LoraSite, SiteGroup
+from runlora_fx.choice.criteria import CRITERIA, Candidate, Decision, SortKey
+from runlora_fx.ir import operands as ops
+from runlora_fx.ir.plans import reference_plan
+from runlora_fx.ir.program import program_for
+from runlora_fx.ir.site import SiteGroup
 
 log = logging.getLogger("runlora_fx")
 
@@ -29,7 +30,7 @@ Budget = int | float  # bytes, or a fraction of eager PEFT's decided-about bytes
 INPUTS = (ops.Role.X, ops.Role.LORA_INPUT)
 
 
-def reference_input_bytes(unit: LoraSite | SiteGroup) -> int:
+def reference_input_bytes(unit: SiteGroup) -> int:
     """Bytes of the inputs (x, D(x)) eager PEFT saves at the unit: saved whatever we choose."""
     saved = set(program_for(reference_plan(unit), unit).saved)
     return sum(
@@ -38,7 +39,7 @@ def reference_input_bytes(unit: LoraSite | SiteGroup) -> int:
     )
 
 
-def decided_bytes(candidate: Candidate, unit: LoraSite | SiteGroup) -> int:
+def decided_bytes(candidate: Candidate, unit: SiteGroup) -> int:
     return candidate.cost.saved_bytes - reference_input_bytes(unit)
 
 
@@ -76,7 +77,7 @@ def knapsack(options: Sequence[Sequence[tuple[SortKey, int]]], budget: int) -> l
     return list(min(front, key=lambda entry: entry[1])[2])
 
 
-def choose_within(
+def fit_budget(
     sites: Sequence[tuple[Decision, Sequence[Candidate]]], budget: Budget
 ) -> tuple[list[Decision], str | None]:
     """Re-choose per-site decisions so that their saved bytes fit `budget` in total.
@@ -111,7 +112,7 @@ def choose_within(
         picks = [min(range(len(cands)), key=lambda j: memory(cands[j])) for _, cands in sites]
         note = f"{note}; infeasible, least-memory plans"
     decisions = [
-        Decision(d.unit, criterion, cands[j], tuple(cands), None, d.n_range, note)
+        replace(d, chosen=cands[j], candidates=tuple(cands), memory_cap=None, note=note)
         for (d, cands), j in zip(sites, picks)
     ]
     return decisions, warning

@@ -10,7 +10,8 @@ elementwise add) and `launch` (seconds of a 1-element op: the fixed cost of one 
 which decides between plans of small sites) are measured in a hot loop. `gemm_call` is what a
 thin GEMM costs beyond that inside a training step, where its operands come cold from memory:
 measured over operands that do not fit the last-level cache, each read once, as in a step
-(DESIGN.md §6: in a compiled CPU step thin GEMMs took several times their hot-loop time).
+(docs/choosing.md, "Roofline model": in a compiled CPU step thin GEMMs took several times
+their hot-loop time).
 All four are measured once per device and dtype and kept in the measurement cache, so
 predicting costs nothing after the first run. Thin LoRA matmuls (one side r) land on the
 bandwidth roof, which is what FLOPs alone misjudge, and their calls are what fusing saves.
@@ -24,12 +25,12 @@ from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
-from runlora_fx.cache import MeasurementCache
-from runlora_fx.cost import VIEWS, graph_dropout_cost, step_costs
-from runlora_fx.measure import synchronize
-from runlora_fx.plans import Plan
-from runlora_fx.program import Program, program_for
-from runlora_fx.site import LoraSite, SiteGroup
+from runlora_fx.cost.cache import MeasurementCache
+from runlora_fx.cost.cost import VIEWS, graph_dropout_cost, step_costs
+from runlora_fx.cost.measure import synchronize
+from runlora_fx.ir.plans import Plan
+from runlora_fx.ir.program import Program, program_for
+from runlora_fx.ir.site import SiteGroup
 
 log = logging.getLogger("runlora_fx")
 
@@ -109,7 +110,7 @@ def device_model(
 
 
 def predicted_seconds(
-    program: Program, unit: LoraSite | SiteGroup, model: DeviceModel
+    program: Program, unit: SiteGroup, model: DeviceModel
 ) -> float:
     return sum(
         model.seconds(s.flops, s.bytes_moved, gemm=s.step.op == "mm") + s.draws * model.draw
@@ -117,7 +118,7 @@ def predicted_seconds(
     )
 
 
-def plan_seconds(plan: Plan, unit: LoraSite | SiteGroup, model: DeviceModel) -> float:
+def plan_seconds(plan: Plan, unit: SiteGroup, model: DeviceModel) -> float:
     """A plan's predicted time: its program's and that of the graph dropouts it reads."""
     dropout = graph_dropout_cost(plan, unit)
     extra = dropout.bytes_moved / model.bandwidth + dropout.draws * model.draw if (

@@ -9,8 +9,9 @@ from typing import Literal
 
 import torch
 
-from runlora_fx.dropout import modelled_slots, position_dtype, wide_dtype
-from runlora_fx.precision import Rounding
+from runlora_fx.ir.dropout import modelled_slots, position_dtype, wide_dtype
+from runlora_fx.ir.rounding import Rounding
+from runlora_fx.ir.sharing import Gemm
 
 Op = Literal["mm", "scale", "add", "sub", "colsum", "cast", "round", "cat", "slice", "t", "copy",
              "seed", "positions", "s_times_at", "lt_times_s", "zero_at", "minus_dots_at"]
@@ -45,8 +46,7 @@ class Step:
     factor: float = 1.0  # scale: a constant factor (1/q, −s/q) besides the scale value
     p: float = 0.0  # positions: the dropout probability
     recompute: bool = False  # forward steps the partitioner must recompute, not save
-    fusion: tuple[str, int] | None = None  # (GEMM class, member) for `fuse`
-
+    fusion: tuple[Gemm, int] | None = None  # (GEMM class, member) for `fuse`
 
 
 # ---- shapes and dtypes -------------------------------------------------------------------------

@@ -4,7 +4,7 @@ PATH is a graph folder (holding sites.json), a sites.json file, or any folder ab
 folders (a debug_dir, or a tree of them copied off another machine): every sites.json under it
 is printed, in path order. Nothing is compiled and no device is needed.
 
-(No module of the package imports this one, so `-m` runs it without a double import.)
+`python -m runlora_fx.report` runs `__main__.py`, which calls `main` here.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from runlora_fx.records import SCHEMA_VERSION, render
+from runlora_fx.report.document import SCHEMA_VERSION
+from runlora_fx.report.render import render
 
 SITES_JSON = "sites.json"
 
@@ -52,7 +53,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(("\n" if i else "") + f"# {file.parent}\n")
         print(render(doc, title=f"runlora {title}"), end="")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

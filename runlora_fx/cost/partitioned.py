@@ -9,7 +9,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.utils.flop_counter import FlopCounterMode
 
-from runlora_fx.compat import size_hint
+from runlora_fx.ir.compat import size_hint
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """What a LoRA site is: pure data about one `xWᵀ + b + Σ s·(D(x)Aᵀ)Bᵀ` found in a graph, and
-about a group of sites that read the same x (the planning unit)."""
+about a group of sites that read the same x (the planning unit; a single site is a group of
+one)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from runlora_fx.merge_check import MergeCheck
+    from runlora_fx.ir.merge_check import MergeCheck
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as the reports and reasons name it: "bfloat16", not "torch.bfloat16"."""
+    return str(dtype).removeprefix("torch.")
 
 
 class WeightLayout(enum.Enum):
@@ -44,11 +50,13 @@ class Adapter:
 class LoraSite:
     """Shapes, dtypes and flags of one site; N is the hint when the batch is symbolic.
 
-    Dtypes, as PEFT and autocast run a site: x and W are stored in `dtype` / `weight_dtype`, the
-    base product runs in `base_dtype` (autocast's dtype, else x's), A and B are stored in
-    `a_dtype` (PEFT keeps them fp32 on a 16-bit model), the LoRA products run in `lora_dtype`
-    (PEFT casts the branch input to the adapter's dtype; autocast runs them in its own), the
-    sum runs in the promotion of the two, and the site returns `result_dtype`.
+    Dtypes, as PEFT and autocast run a site: x is stored in `dtype`, the base product runs in
+    `base_dtype` (autocast's dtype, else x's), W and b are stored in `weight_dtype`, A and B in
+    `adapter_dtype` (PEFT keeps them fp32 on a 16-bit model), the LoRA products run in
+    `lora_dtype` (PEFT casts the branch input to the adapter's dtype; autocast runs them in its
+    own), the sum runs in `sum_dtype`, the promotion of the two, and the site returns
+    `result_dtype`. Left out (None), each is what follows from the others: x's for the base, W
+    and the adapters, the base's for the LoRA products, the sum's for the result.
     """
 
     path: str
@@ -62,12 +70,12 @@ class LoraSite:
     x_requires_grad: bool
     training: bool
     n_symbolic: str | None = None  # the symbolic form of N, when N is not static
-    compute_dtype: torch.dtype | None = None  # the base product's dtype when not x's (autocast)
+    base_dtype: torch.dtype = None  # type: ignore[assignment]  # None: x's (resolved below)
     device: str = "cpu"  # where the site's tensors live, e.g. "cuda:0"
-    weight_dtype: torch.dtype | None = None  # W and b as stored, when not x's
-    adapter_dtype: torch.dtype | None = None  # A and B as stored, when not x's
-    branch_dtype: torch.dtype | None = None  # the LoRA products' dtype, when not the base's
-    out_dtype: torch.dtype | None = None  # the site's result, when not the base product's
+    weight_dtype: torch.dtype = None  # type: ignore[assignment]  # None: x's
+    adapter_dtype: torch.dtype = None  # type: ignore[assignment]  # None: x's
+    lora_dtype: torch.dtype = None  # type: ignore[assignment]  # None: the base product's
+    result_dtype: torch.dtype = None  # type: ignore[assignment]  # None: the sum's
     weight_layout: WeightLayout = WeightLayout.OUT_IN
     base: Base = Base.LINEAR
     base_op: str | None = None  # an opaque base's op, as the report names it
@@ -75,48 +83,33 @@ class LoraSite:
     # not checked, and the measured rule (precision.RULE) decides alone
     merge_check: MergeCheck | None = None
 
-    @property
-    def elt_bytes(self) -> int:
-        return self.dtype.itemsize
-
-    @property
-    def base_dtype(self) -> torch.dtype:
-        return self.compute_dtype or self.dtype
-
-    @property
-    def matmul_dtype(self) -> torch.dtype:
-        """What the base product runs in (the dtype a device is calibrated and timed in)."""
-        return self.base_dtype
-
-    @property
-    def w_dtype(self) -> torch.dtype:
-        return self.weight_dtype or self.dtype
-
-    @property
-    def a_dtype(self) -> torch.dtype:
-        return self.adapter_dtype or self.dtype
-
-    @property
-    def lora_dtype(self) -> torch.dtype:
-        return self.branch_dtype or self.base_dtype
+    def __post_init__(self) -> None:
+        for name, default in (("base_dtype", self.dtype), ("weight_dtype", self.dtype),
+                              ("adapter_dtype", self.dtype)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+        if self.lora_dtype is None:
+            object.__setattr__(self, "lora_dtype", self.base_dtype)
+        if self.result_dtype is None:
+            object.__setattr__(self, "result_dtype", self.sum_dtype)
 
     @property
     def sum_dtype(self) -> torch.dtype:
         return torch.promote_types(self.base_dtype, self.lora_dtype)
 
-    @property
-    def result_dtype(self) -> torch.dtype:
-        return self.out_dtype or self.sum_dtype
+    def stated_dtypes(self) -> dict[str, torch.dtype]:
+        """x's dtype, and each other dtype where it is not what follows from the rest."""
+        defaults = {"base_dtype": self.dtype, "weight_dtype": self.dtype,
+                    "adapter_dtype": self.dtype, "lora_dtype": self.base_dtype,
+                    "result_dtype": self.sum_dtype}
+        return {"dtype": self.dtype, **{name: getattr(self, name) for name, default
+                                        in defaults.items() if getattr(self, name) != default}}
 
     @property
     def is_low_precision(self) -> bool:
         """The base product runs in 16 bits: plans that round differently need the measured
         precision rule (precision.py)."""
         return self.base_dtype.itemsize < 4
-
-    @property
-    def needs_lora_grads(self) -> bool:
-        return any(a.a_requires_grad or a.b_requires_grad for a in self.adapters)
 
 
 @dataclass(frozen=True)
@@ -131,14 +124,19 @@ class SiteGroup:
 
     @property
     def n(self) -> int:
+        """N, the rows of x every member reads (its hint when symbolic)."""
         return self.members[0].n
+
+    @property
+    def n_symbolic(self) -> str | None:
+        return self.members[0].n_symbolic
 
     def with_n(self, n: int) -> SiteGroup:
         return SiteGroup(tuple(replace(site, n=n) for site in self.members))
 
-
-def as_group(unit: LoraSite | SiteGroup) -> SiteGroup:
-    return unit if isinstance(unit, SiteGroup) else SiteGroup((unit,))
+    def alone(self) -> list[SiteGroup]:
+        """Each member as a unit of its own."""
+        return [SiteGroup((site,)) for site in self.members]
 
 
 @dataclass(frozen=True)

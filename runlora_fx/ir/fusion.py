@@ -1,25 +1,20 @@
-"""Sharing GEMMs: a program transformation that runs GEMMs with a common operand as one.
+"""Sharing GEMMs: the program transformation that runs GEMMs with a common operand as one.
 
-Each GEMM the builder emits carries a class ("xW", "xA", "dyW", "dyB", "dhx") and its member;
-a plan's flags say which classes join (LINKS). Joined GEMMs become one GEMM over their other
-operands concatenated, and a slice per result: every output element is the same dot product,
-so the result is exact in any dtype. The steps are then put in an order where every name is
-defined before it is read.
+Each GEMM the builder emits carries a class (`Gemm`) and its member; a plan's ways of sharing
+(rows of sharing.SHARING) say which classes join, across members or within one. Joined GEMMs
+become one GEMM over their other operands concatenated, and a slice per result: every output
+element is the same dot product, so the result is exact in any dtype. The steps are then put
+in an order where every name is defined before it is read.
 """
 
 from __future__ import annotations
 
-from runlora_fx.plans import Plan
-from runlora_fx.steps import Meta, Step, infer
+from collections.abc import Iterable
 
-# plan flag → the two GEMM classes it joins, and whether only within one member
-LINKS = {
-    "fold_x": ("xW", "xA", True),  # x·[W; A]ᵀ
-    "group_h": ("xA", "xA", False),  # x·[A_1; A_2]ᵀ
-    "stack_w": ("xW", "xW", False),  # x·[W_1; W_2]ᵀ
-    "fold_dy": ("dyW", "dyB", True),  # dy·[W | s·B]
-    "group_da": ("dhx", "dhx", False),  # [dh_1 | dh_2]ᵀ·x
-}
+from runlora_fx.ir import operands as ops
+from runlora_fx.ir.operands import Derived
+from runlora_fx.ir.sharing import Sharing
+from runlora_fx.ir.steps import Meta, Step, infer
 
 
 def _shared_side(a: Step, b: Step) -> int | None:
@@ -30,7 +25,7 @@ def _shared_side(a: Step, b: Step) -> int | None:
     return None
 
 
-def _fusion_sets(steps: list[Step], plan: Plan) -> list[list[int]]:
+def _fusion_sets(steps: list[Step], sharing: Iterable[Sharing]) -> list[list[int]]:
     """Indices of the GEMMs to run as one, per set (each ≥ 2, in program order)."""
     gemms = [i for i, s in enumerate(steps) if s.fusion is not None and not s.recompute]
     parent = {i: i for i in gemms}
@@ -40,16 +35,15 @@ def _fusion_sets(steps: list[Step], plan: Plan) -> list[list[int]]:
             i = parent[i]
         return i
 
-    for flag, (first, second, same_member) in LINKS.items():
-        if not getattr(plan, flag):
-            continue
+    for way in sharing:
+        first, second = way.joins
         for i in gemms:
             for j in gemms:
                 a, b = steps[i], steps[j]
                 assert a.fusion is not None and b.fusion is not None
                 if i >= j or {a.fusion[0], b.fusion[0]} != {first, second}:
                     continue
-                if same_member and a.fusion[1] != b.fusion[1]:
+                if not way.across_members and a.fusion[1] != b.fusion[1]:
                     continue
                 if _shared_side(a, b) is not None:
                     parent[root(j)] = root(i)
@@ -74,15 +68,15 @@ def _fused(group: list[Step], metas: dict[str, Meta]) -> list[Step]:
     for step in group:
         name = step.args[other]
         if step.transpose[other] != orientation:
-            steps.append(Step(f"{name}ᵀ", "t", (name,)))
-            name = f"{name}ᵀ"
+            steps.append(Step(ops.derived(Derived.TRANSPOSED, name), "t", (name,)))
+            name = ops.derived(Derived.TRANSPOSED, name)
         parts.append(name)
     # the free dim of the other operand as stored: rows when read transposed on the right
     # (n×k), or not transposed on the left (m×k); columns otherwise
     cat_dim = 0 if orientation == (side == 0) else 1
-    joined = "cat(" + ",".join(parts) + ")"
+    joined = ops.derived(Derived.JOINED, ",".join(parts))
     steps.append(Step(joined, "cat", tuple(parts), dim=cat_dim))
-    fused = "mm(" + ",".join(s.out for s in group) + ")"
+    fused = ops.derived(Derived.FUSED, ",".join(s.out for s in group))
     args = (shared, joined) if side == 0 else (joined, shared)
     transpose = (flip, orientation) if side == 0 else (orientation, flip)
     steps.append(Step(fused, "mm", args, transpose))
@@ -96,10 +90,10 @@ def _fused(group: list[Step], metas: dict[str, Meta]) -> list[Step]:
     return steps
 
 
-def fuse(steps: list[Step], plan: Plan, metas: dict[str, Meta]) -> list[Step]:
-    """Replace each set of GEMMs the plan shares by one GEMM over concatenated operands, then
-    order the steps so that every name is defined before it is read."""
-    sets = _fusion_sets(steps, plan)
+def fuse(steps: list[Step], sharing: Iterable[Sharing], metas: dict[str, Meta]) -> list[Step]:
+    """Replace each set of GEMMs that `sharing` joins by one GEMM over concatenated operands,
+    then order the steps so that every name is defined before it is read."""
+    sets = _fusion_sets(steps, tuple(sharing))
     if not sets:
         return steps
     replaced: dict[int, list[Step]] = {}

@@ -22,10 +22,10 @@ would, then its product. Truth is fp32 from the stored values. Figures per rel:
   (the merged output's own rounding is dithered by the base's low bits, so it is unbiased; only
   W_eff's rounding loses the update), which needs no output sample and has far less noise.
 
-The rule is the measured one's (DESIGN.md §7): nearest rounding passes at a rel when
-out_ratio ≤ 1.25 and kept ≥ kept_peft − 0.05; stochastic rounding (the user's choice of
-unbiased rounding at the cost of noise) when out_ratio ≤ 1.5 and 0.8 ≤ kept ≤ 1.2. A site
-passes when every rel passes.
+The rule is the measured one's (docs/precision.md, "The measured rule for 16-bit plans"):
+nearest rounding passes at a rel when out_ratio ≤ 1.25 and kept ≥ kept_peft − 0.05; stochastic
+rounding (the user's choice of unbiased rounding at the cost of noise) when out_ratio ≤ 1.5 and
+0.8 ≤ kept ≤ 1.2. A site passes when every rel passes.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from runlora_fx.precision import Rounding, stochastic_round
-from runlora_fx.site import LoraSite, WeightLayout
+from runlora_fx.ir.rounding import Rounding, stochastic_round
+from runlora_fx.ir.site import LoraSite, WeightLayout
 
 F32 = torch.float32
 RELS = (1e-3, 1e-4)  # s·BA relative to W: where the grid found nearest rounding worst
@@ -153,7 +153,8 @@ def estimate(
     w = _subsample(weight, sample, gen)
     m, k = w.shape
     rank = max(1, min(sum(a.r for a in site.adapters), MAX_RANK, m, k))
-    base, lora, result, adapter = site.base_dtype, site.lora_dtype, site.result_dtype, site.a_dtype
+    base, lora, result = site.base_dtype, site.lora_dtype, site.result_dtype
+    adapter = site.adapter_dtype
     x = _round(torch.randn(sample.inputs, k, generator=gen), site.dtype)
     b = x @ w.T
     y0 = _round(b, base)  # PEFT's base product, on the base dtype's grid

@@ -1,12 +1,15 @@
-"""Everything that depends on the torch release: the tested range, checked when the backend is
-first used, and the one API that moved between the releases of that range (a SymInt's hint)."""
+"""What runlora takes from its surroundings: the torch release (the tested range, checked when
+the backend is first used, and the one API that moved between the releases of that range: a
+SymInt's hint) and the folder it keeps its files in (read when asked, never at import)."""
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -65,3 +68,15 @@ def size_hint(dim: int | torch.SymInt) -> int:
         node = dim.node
         return int(node.hint if node.hint is not None else node.shape_env.size_hint(node.expr))
     return int(optimization_hint(dim))
+
+
+CACHE_ENV = "RUNLORA_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """Where runlora keeps measurements and compiled kernels: $RUNLORA_CACHE_DIR, else the user
+    cache dir ($XDG_CACHE_HOME or ~/.cache)/runlora_fx."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "runlora_fx"

@@ -3,7 +3,8 @@
 In 16 bits no reordering is bit-exact, so "equivalent" means "no worse than PEFT's own path":
 a plan is legal for a site when, on that site's kind (below), it keeps the output error vs an
 fp64 truth within 1.25× PEFT's, the kept share of the true adapter effect within 0.05 of
-PEFT's, and each of dx, dA, dB within 2× PEFT's error (DESIGN.md §7). Which plan features meet
+PEFT's, and each of dx, dA, dB within 2× PEFT's error (docs/precision.md, "Measuring a
+plan's precision"). Which plan features meet
 that was measured by experiments/precision_exp.py over a grid of shapes, ranks and update
 sizes (experiments/results/precision_cpu/precision_summary.md); `RULE` is that table, and
 tests/test_precision.py re-measures it at the grid's corners.
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from runlora_fx.site import LoraSite
+from runlora_fx.ir.rounding import Rounding
+from runlora_fx.ir.site import LoraSite
 
 
 class Precision(enum.Enum):
@@ -27,13 +29,6 @@ class Precision(enum.Enum):
     BASE = "LoRA in the base dtype"  # A, B, D(x) rounded to the base product's dtype
 
 
-class Rounding(enum.Enum):
-    """How a merged W_eff = W + s·BA (computed in fp32) is rounded to a 16-bit base dtype."""
-
-    NEAREST = "nearest"
-    STOCHASTIC = "stochastic"  # unbiased: 16 random low bits added, then truncated
-
-
 def kind(site: LoraSite) -> str | None:
     """The site's precision kind, as precision_exp.py names it; None in 32 bits or more."""
     if not site.is_low_precision:
@@ -41,7 +36,7 @@ def kind(site: LoraSite) -> str | None:
     low = "bf16" if site.base_dtype == torch.bfloat16 else "fp16"
     if site.lora_dtype != site.base_dtype:
         return f"{low}-peft"  # base in 16 bits, LoRA products in the adapters' fp32
-    if site.dtype.itemsize >= 4 or site.a_dtype.itemsize >= 4:
+    if site.dtype.itemsize >= 4 or site.adapter_dtype.itemsize >= 4:
         # 32-bit storage, products in autocast's dtype (CPU autocast: bf16)
         return "autocast" if low == "bf16" else f"autocast-{low}"
     return low
@@ -137,39 +132,3 @@ def precision_reason(
         if not verdict.legal:
             return f"{feature} on a {site_kind} site is worse than PEFT's own path: {verdict.evidence}"
     return None
-
-
-# ---- rounding ----------------------------------------------------------------------------------
-
-
-def stochastic_round(
-    value: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Round fp32 `value` to bf16/fp16 up or down with probability by distance (unbiased).
-
-    bf16: add 16 uniformly random low bits to the fp32 bit pattern and truncate them. fp16 (a
-    different exponent range): draw u ~ U[0, 1) and round down at the fp16 grid point below
-    value + u·ulp. Random bits come from `generator`, else torch's, so seeded runs reproduce.
-    """
-    value = value.float()
-    if dtype == torch.bfloat16:
-        noise = torch.randint(0, 1 << 16, value.shape, dtype=torch.int32, device=value.device,
-                              generator=generator)
-        bits = (value.view(torch.int32) + noise) & -65536  # clear the low 16 bits
-        return bits.view(torch.float32).to(torch.bfloat16)
-    if dtype == torch.float16:
-        down = value.to(torch.float16)
-        down = torch.where(down.float() > value, torch.nextafter(
-            down, torch.full_like(down, float("-inf"))), down)
-        up = torch.nextafter(down, torch.full_like(down, float("inf")))
-        gap = (up.float() - down.float()).clamp_min(torch.finfo(torch.float32).tiny)
-        take_up = torch.rand(value.shape, device=value.device,
-                             generator=generator) * gap < value - down.float()
-        return torch.where(take_up, up, down)
-    return value.to(dtype)
-
-
-def round_to(value: torch.Tensor, dtype: torch.dtype, rounding: Rounding | None) -> torch.Tensor:
-    if rounding is Rounding.STOCHASTIC and value.dtype != dtype:
-        return stochastic_round(value, dtype)
-    return value.to(dtype)

@@ -1,10 +1,13 @@
-"""Symbolic N (dynamic shapes): choose once for a range of N, guard only at a crossover.
+"""Symbolic N (dynamic shapes), all of it: choose once for a range of N, guard only at a
+crossover, and say so in each decision.
 
 Every plan's counted cost is affine in N, so a criterion's choice is piecewise constant in N
 with a few crossovers. `stable_range` finds the widest range of N around the size hint over
-which the choice is the one made at the hint; `choose_over_n` then guards N to that range (one
-guard per side that is not the plausible range's own end), so a run over varying lengths
-compiles again only when N crosses a crossover, never per comparison.
+which the choice is the one made at the hint; `over_n` then guards N to that range (one guard
+per side that is not the plausible range's own end), so a run over varying lengths compiles
+again only when N crosses a crossover, never per comparison. The "time" criterion and a memory
+budget choose at the hint alone (`over_n`, `at_hint`). A decision at a symbolic N carries its
+chosen plan's cost as a function of N (`AffineCost`), which the reports print.
 
 Dynamo builds a graph's guards after the backend returns, from the shape environment; a
 comparison of a SymInt evaluated here (`bool(n >= a)`) becomes one of them. So exactly the
@@ -14,22 +17,24 @@ range — instead of one per cost comparison.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import replace
 
 import sympy
 import torch
 from torch.utils._sympy.numbers import IntInfinity, NegativeIntInfinity
 
-from runlora_fx.choose import Chooser, Decision
-from runlora_fx.cost import Cost, cost_of
-from runlora_fx.plans import Plan
-from runlora_fx.site import LoraSite, SiteGroup, as_group
+from runlora_fx.choice.criteria import Decision
+from runlora_fx.cost.cost import AffineCost
+from runlora_fx.ir.plans import Plan
+from runlora_fx.ir.site import SiteGroup
 
 # N outside this range is not planned for: past 2^20 tokens a step is long anyway, and a
 # crossover there is not worth a guard (the choice made at the hint stays, correct as ever)
 PLAUSIBLE_N = (1, 1 << 20)
 GRID_POINTS = 48  # geometric probes per side before bisecting the first change
+
+AffineOf = Callable[[Plan, SiteGroup], AffineCost]  # a plan's cost at the unit, in N
 
 
 def _probes(start: int, end: int) -> list[int]:
@@ -78,23 +83,6 @@ def stable_range(
     return (lo if down is None else down + 1, hi if up is None else up - 1)
 
 
-def with_n(unit: LoraSite | SiteGroup, n: int) -> SiteGroup:
-    return as_group(unit).with_n(n)
-
-
-def affine_cost(plan: Plan, unit: LoraSite | SiteGroup) -> dict[str, tuple[int, int]]:
-    """Each cost as (per-token slope, constant): cost(N) = slope·N + constant, exactly."""
-    at0, at1 = cost_of(plan, with_n(unit, 0)), cost_of(plan, with_n(unit, 1))
-    return {
-        name: (getattr(at1, name) - getattr(at0, name), getattr(at0, name))
-        for name in Cost.__dataclass_fields__
-    }
-
-
-def describe_affine(cost: dict[str, tuple[int, int]], symbol: str) -> dict[str, str]:
-    return {name: f"{slope}*({symbol}) + {const}" for name, (slope, const) in cost.items()}
-
-
 def plausible_range(n: torch.SymInt) -> tuple[int, int]:
     """The symbol's own value range (Dynamo knows sizes ≥ 2 etc.) within PLAUSIBLE_N."""
     bounds = n.node.shape_env.bound_sympy(n.node.expr)
@@ -115,12 +103,12 @@ def _finite(bound: object) -> int | None:
 
 
 def guarded_range(
-    n: torch.SymInt, site: LoraSite, decide: Callable[[int], Hashable]
+    n: torch.SymInt, unit: SiteGroup, decide: Callable[[int], Hashable]
 ) -> tuple[tuple[int, int], str]:
     """The widest range of N around the hint where `decide` gives what it gives at the hint,
     guarded at each end that is not the plausible range's own; and a note saying so."""
     lo, hi = plausible_range(n)
-    hint = min(max(site.n, lo), hi)
+    hint = min(max(unit.n, lo), hi)
     a, b = stable_range(decide, hint, lo, hi)
     guards = []
     # bool() of a SymBool evaluates it at the hint and installs it as a guard
@@ -128,20 +116,36 @@ def guarded_range(
         guards.append(f"N >= {a}")
     if b < hi and bool(n <= b):
         guards.append(f"N <= {b}")
-    note = f"N = {site.n_symbolic} symbolic in [{lo}, {hi}]: chosen for N in [{a}, {b}]"
+    note = f"N = {unit.n_symbolic} symbolic in [{lo}, {hi}]: chosen for N in [{a}, {b}]"
     note += f", guarded {' and '.join(guards)}" if guards else ", no guard needed"
     return (a, b), note
 
 
-def choose_over_n(unit: SiteGroup, n: int | torch.SymInt, chooser: Chooser) -> Decision:
-    """The unit's decision; for a symbolic N, made for the widest range of N around its hint
-    where it holds, and guarded there."""
-    decision = chooser.choose(unit)
+def over_n(unit: SiteGroup, decisions: list[Decision], n: int | torch.SymInt, criterion: str,
+           decide: Callable[[int], Hashable], affine: AffineOf) -> list[Decision]:
+    """The unit's decisions (made at N's hint); for a symbolic N made for the widest range of N
+    around the hint where `decide` (what is chosen at an N) stays the same, and guarded there.
+    A timing exists only for the N it was measured at: under "time" no guard, a note."""
     if not isinstance(n, torch.SymInt):
-        return decision
-    site = unit.members[0]
-    if chooser.criterion == "time":  # a timing exists only for the N it was measured at
-        return replace(decision, note=f"N symbolic: timed at its hint {site.n}, no guard")
-    n_range, note = guarded_range(
-        n, site, lambda k: chooser.choose(with_n(unit, k)).chosen.plan)
-    return replace(decision, n_range=n_range, note=note)
+        return decisions
+    if criterion == "time":
+        note = f"N symbolic: timed at its hint {unit.n}, no guard"
+        return [_in_n(replace(d, note=note), affine) for d in decisions]
+    n_range, note = guarded_range(n, unit, decide)
+    return [_in_n(replace(d, n_range=n_range, note=note), affine) for d in decisions]
+
+
+def at_hint(decisions: Sequence[Decision], affine: AffineOf) -> list[Decision]:
+    """Decisions made together at N's hint (a memory budget): a symbolic N is said, not
+    guarded."""
+    return [
+        _in_n(replace(d, note=f"{d.note}; N symbolic, budget judged at its hint N={d.site.n}"),
+              affine)
+        if d.site.n_symbolic is not None else d
+        for d in decisions
+    ]
+
+
+def _in_n(decision: Decision, affine: AffineOf) -> Decision:
+    """The decision with its chosen plan's cost as a function of N, for the reports."""
+    return replace(decision, affine=affine(decision.chosen.plan, decision.unit))

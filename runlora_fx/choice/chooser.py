@@ -1,0 +1,184 @@
+"""The Chooser: the one entry point of the choose stage. It scores a unit's candidates by one
+criterion, measuring the device when the criterion needs it (`choose`); decides a unit found in
+a graph — a group plan or one per member (units.py), over a range of a symbolic N (dynamic.py)
+— (`decide`); and decides a graph's sites together under a memory budget (`decide_within`,
+budget.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import torch
+
+from runlora_fx.choice import dynamic, units
+from runlora_fx.choice.budget import Budget, fit_budget
+from runlora_fx.choice.criteria import COUNTED, CRITERIA, Candidate, Decision, pick, reference
+from runlora_fx.cost.cache import MeasurementCache
+from runlora_fx.cost.cost import AffineCost, Cost, cost_of
+from runlora_fx.cost.measure import time_plans, unit_signature
+from runlora_fx.cost.roofline import device_model, plan_seconds
+from runlora_fx.ir.plans import Plan, plans_for
+from runlora_fx.ir.rounding import Rounding
+from runlora_fx.ir.site import SiteGroup, dtype_name
+
+log = logging.getLogger("runlora_fx")
+
+
+def anonymous(unit: SiteGroup) -> SiteGroup:
+    """The unit without its paths: what a choice depends on."""
+    return SiteGroup(tuple(replace(site, path="") for site in unit.members))
+
+
+class Chooser:
+    """Scores candidates by one criterion, measuring the device when the criterion needs it.
+
+    Calibrations and timings go through `MeasurementCache`, so a second process (or a second
+    graph with the same site shapes) reuses them instead of measuring again.
+    """
+
+    def __init__(
+        self,
+        criterion: str,
+        cache_root: str | os.PathLike[str] | None = None,
+        budgeted: bool = False,
+        rounding: Rounding = Rounding.NEAREST,
+        fusions: bool = True,
+        sparse_dropout: bool = True,
+    ) -> None:
+        if criterion not in CRITERIA:
+            raise ValueError(f"unknown criterion {criterion!r}; choose one of {tuple(CRITERIA)}")
+        self.criterion = criterion
+        self.cache_root = cache_root
+        # under a memory budget every candidate may be chosen; else only those within the cap
+        self.budgeted = budgeted
+        self.rounding = rounding
+        self.fusions = fusions
+        self.sparse_dropout = sparse_dropout  # plans may draw their own dropped positions
+        self._caches: dict[str, MeasurementCache] = {}
+        self._timed: dict[str, dict[str, float]] = {}  # signature → plan → seconds, this process
+        self._chosen: dict[SiteGroup, Decision] = {}  # by anonymous unit: N probes repeat
+        # by anonymous unit at N = 0: each plan's cost at N = 0 and N = 1 (affine in N)
+        self._affine: dict[SiteGroup, dict[Plan, tuple[Cost, Cost]]] = {}
+
+    def cache(self, device: str) -> MeasurementCache:
+        if device not in self._caches:
+            self._caches[device] = MeasurementCache(self.cache_root, torch.device(device))
+        return self._caches[device]
+
+    def _costs_in_n(self, unit: SiteGroup) -> dict[Plan, tuple[Cost, Cost]]:
+        """Each plan's cost at N = 0 and N = 1, worked out once per shape."""
+        key = anonymous(unit.with_n(0))
+        if key not in self._affine:
+            plans = plans_for(unit, self.rounding, self.fusions, self.sparse_dropout)
+            self._affine[key] = {
+                plan: (cost_of(plan, unit.with_n(0)), cost_of(plan, unit.with_n(1)))
+                for plan in plans
+            }
+        return self._affine[key]
+
+    def counted(self, unit: SiteGroup) -> tuple[Candidate, ...]:
+        """The unit's candidates with counted costs, evaluated at the unit's N from their costs
+        at N = 0 and 1 (every count is affine in N; probing a symbolic N asks for many)."""
+        return tuple(Candidate(plan, at0.at(unit.n, at1))
+                     for plan, (at0, at1) in self._costs_in_n(unit).items())
+
+    def affine(self, plan: Plan, unit: SiteGroup) -> AffineCost:
+        """One of the unit's candidate plans' counted cost as a function of N."""
+        return AffineCost.between(*self._costs_in_n(unit)[plan])
+
+    def candidates(
+        self, unit: SiteGroup, keep: Callable[[Plan], bool] | None = None
+    ) -> tuple[Candidate, ...]:
+        """The unit's candidates (those `keep` accepts), scored as the criterion needs."""
+        counted = tuple(c for c in self.counted(unit) if keep is None or keep(c.plan))
+        if self.criterion in COUNTED:
+            return counted
+        site = unit.members[0]
+        model = device_model(torch.device(site.device), site.base_dtype, self.cache(site.device))
+        if self.criterion == "roofline":
+            return tuple(
+                replace(c, seconds=plan_seconds(c.plan, unit, model))
+                for c in counted
+            )
+        # timed on warm operands, where a GEMM call is cheaper than inside a step: add the
+        # difference per call (roofline.py), so fused GEMMs get their due
+        timed = self.timings(unit, self.plans_to_time(unit, counted))
+        return tuple(
+            replace(c, seconds=timed[c.plan.describe()] + c.cost.gemms * model.gemm_call)
+            if c.plan.describe() in timed else c
+            for c in counted
+        )
+
+    def plans_to_time(self, unit: SiteGroup, counted: Sequence[Candidate]) -> list[Plan]:
+        """The candidates that may be chosen: timing the others would only cost time."""
+        cap = reference(unit).cost.saved_bytes
+        return [c.plan for c in counted if self.budgeted or c.cost.saved_bytes <= cap]
+
+    def timings(
+        self, unit: SiteGroup, plans: Sequence[Plan], progress: str = ""
+    ) -> dict[str, float]:
+        """Seconds per plan (by `describe()`), from this process, the disk cache or the device."""
+        site = unit.members[0]
+        signature = unit_signature(unit)
+        memo = repr(sorted(signature.items()))
+        wanted = {plan.describe() for plan in plans}
+        for source in (self._timed.get(memo), self.cache(site.device).get("timing", signature)):
+            if isinstance(source, dict) and wanted <= set(source):
+                self._timed[memo] = source
+                return source
+        log.info(
+            "runlora: timing %d plans for N=%d d_in=%d d_out=%s r=%s %s%s (cached afterwards)",
+            len(plans), site.n, site.d_in, "+".join(str(s.d_out) for s in unit.members),
+            [a.r for s in unit.members for a in s.adapters],
+            dtype_name(site.base_dtype), progress,
+        )
+        seconds = time_plans(unit, plans, torch.device(site.device))
+        measured = {plan.describe(): s for plan, s in seconds.items()}
+        self.cache(site.device).put("timing", signature, measured)
+        self._timed[memo] = measured
+        return measured
+
+    def choose(self, unit: SiteGroup) -> Decision:
+        """The unit's best plan by the criterion, as one call (a group's plans may share GEMMs
+        across its members, or not)."""
+        key = anonymous(unit)
+        if key not in self._chosen:
+            self._chosen[key] = pick(unit, self.criterion, self.candidates(unit))
+        return replace(self._chosen[key], unit=unit)
+
+    def decide(self, unit: SiteGroup, n: int | torch.SymInt) -> list[Decision]:
+        """The decisions for a unit found in a graph, whose N is `n` (a SymInt when dynamic):
+        one for a single site or a group plan, one per member where sharing GEMMs does not pay;
+        with N symbolic, made for the widest range of N around its hint and guarded there."""
+        if len(unit.members) == 1:
+            decisions = [self.choose(unit)]
+
+            def replan(k: int) -> object:
+                return self.choose(unit.with_n(k)).chosen.plan
+        else:
+            decisions = units.group_or_members(unit, self)
+
+            def replan(k: int) -> object:
+                return tuple(d.chosen.plan for d in units.group_or_members(unit.with_n(k), self))
+        return dynamic.over_n(unit, decisions, n, self.criterion, replan, self.affine)
+
+    def decide_within(self, sites: Sequence[SiteGroup], budget: Budget
+                      ) -> tuple[list[Decision], list[str]]:
+        """Decisions for single sites chosen together, their saved bytes within `budget`
+        (budget.py), and the warnings when it cannot be met."""
+        decisions, warning = fit_budget([(d, d.candidates) for d in map(self.choose, sites)],
+                                        budget)
+        return dynamic.at_hint(decisions, self.affine), [warning] if warning else []
+
+    def measure_ahead(self, groups: Sequence[SiteGroup]) -> None:
+        """Time each distinct unit signature once, with progress, before choosing."""
+        if self.criterion != "time":
+            return
+        distinct = {repr(sorted(unit_signature(u).items())): u for u in groups}
+        for i, unit in enumerate(distinct.values(), 1):
+            plans = self.plans_to_time(unit, self.counted(unit))
+            self.timings(unit, plans, progress=f" [signature {i}/{len(distinct)}]")
