@@ -357,3 +357,42 @@ def test_a_shared_dropout_keeps_the_graphs_mask():
     assert not any(a.own_dropout for a in decision.site.adapters)
     assert decision.chosen.plan.dropout is Dropout.GRAPH and not decision.chosen.plan.merges
     assert all(not c.plan.sparse_dropout for c in decision.candidates)
+
+
+@pytest.mark.parametrize("setup", ["fp32", "bf16-peft"])
+def test_a_step_keeps_no_dense_mask_no_dropped_copy_and_x_in_its_storage_dtype(setup):
+    """On the partitioned graphs: PEFT + torch.compile keeps a bool N×d mask and a dropped copy
+    of x per dropout site (in fp32 at PEFT's bf16 default); runlora keeps neither — x once,
+    as stored, and the positions (or a seed)."""
+    from conftest import PlainCompile
+    from runlora_fx.partitioned import saved_tensors
+
+    dtype = torch.bfloat16 if setup == "bf16-peft" else torch.float32
+    model = _llama(dtype, p=0.1)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    n, widths = 2 * 16, {32, 64}  # tokens; hidden and intermediate sizes of the tiny Llama
+
+    def kept(backend) -> list:
+        torch.compile(twin(model), backend=backend)(input_ids=ids, labels=ids).loss.backward()
+        report = backend.reports[0]
+        return [t for t in saved_tensors(report.forward, report.backward,
+                                         report.parameter_inputs) if not t.is_parameter]
+
+    def activations(saved, of_dtype=None) -> list:  # N×width tensors, whatever their view
+        return [t for t in saved if (of_dtype is None or t.dtype == of_dtype)
+                and len(t.shape) >= 2 and t.shape[-1] in widths
+                and math.prod(t.shape[:-1]) == n]
+
+    def nbytes(saved) -> int:
+        return sum(math.prod(t.shape) * t.dtype.itemsize for t in saved)
+
+    plain = kept(PlainCompile())
+    assert any(t.dtype == torch.bool for t in plain)  # the baseline's masks are there to see
+    ours = kept(runlora_fx.Backend({"inner": "eager"}))
+    assert not any(t.dtype == torch.bool for t in ours)
+    assert nbytes(activations(ours)) < nbytes(activations(plain))
+    if dtype == torch.float32:  # no dropped copies next to x
+        assert len(activations(ours, dtype)) < len(activations(plain, dtype))
+    else:  # x kept in bf16, not as PEFT's fp32 dropped copy of it
+        assert activations(plain, torch.float32) and not activations(ours, torch.float32)
+    assert any(t.dtype in (torch.int32, torch.int64) and len(t.shape) <= 1 for t in ours)
