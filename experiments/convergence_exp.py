@@ -462,6 +462,14 @@ def plot(out: Path, curves: list[Curve]) -> None:
     plt.close(fig)
 
 
+# With dropout the per-step distance to fp32 compares different masks: the per-seed table can't judge.
+MASKS_NOTE = ("With LoRA dropout runlora draws its own dropped positions (sparse dropout), so its "
+              "masks differ from those of PEFT and fp32: the distance to fp32 above measures "
+              "different masks, not rounding. The bar is across seeds (`--seeds`, "
+              "seeds_summary.md): runlora's mean train loss within one seed standard deviation "
+              "of PEFT's.")
+
+
 def summary(curves: list[Curve], corpus: Corpus, args: argparse.Namespace, wall_s: float) -> str:
     ref = curves[0]
     diffs = {c.variant: statistics.fmean(abs_diffs(c, ref)[-LAST:]) for c in curves}
@@ -493,6 +501,8 @@ def summary(curves: list[Curve], corpus: Corpus, args: argparse.Namespace, wall_
     import transformers
 
     notes = [f"- {c.variant}: {c.note}" for c in curves if c.note]
+    if args.lora_dropout > 0:
+        lines += ["", MASKS_NOTE]
     lines += [
         "", *(["What runlora did:", "", *notes, ""] if notes else []),
         "Command:", "", f"    {args.command}", "", "Environment:", "",

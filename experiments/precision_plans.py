@@ -1,5 +1,5 @@
 """runlora's own plans as precision_exp.py variants: the programs the rewritten graph runs
-(runlora_fx.execute.UnitCall), so the measured rule is the rule of what runs.
+(runlora_fx.ir.execute.UnitCall), so the measured rule is the rule of what runs.
 
     python experiments/precision_exp.py --plugin precision_plans --variants peft \\
         runlora:split runlora:merged-nearest runlora:merged-stochastic runlora:branch-base …

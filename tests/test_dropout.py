@@ -365,7 +365,7 @@ def test_a_step_keeps_no_dense_mask_no_dropped_copy_and_x_in_its_storage_dtype(s
     of x per dropout site (in fp32 at PEFT's bf16 default); runlora keeps neither — x once,
     as stored, and the positions (or a seed)."""
     from conftest import PlainCompile
-    from runlora_fx.partitioned import saved_tensors
+    from runlora_fx.cost.partitioned import saved_tensors
 
     dtype = torch.bfloat16 if setup == "bf16-peft" else torch.float32
     model = _llama(dtype, p=0.1)
