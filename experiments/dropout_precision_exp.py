@@ -16,7 +16,6 @@ to nearest, corrected at the dropped positions; judged against the merged rule's
 from __future__ import annotations
 
 import argparse
-import csv
 import shlex
 import sys
 import time
@@ -165,13 +164,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                if not r["pass"]]
         print(f"[{i + 1}/{len(points) * len(args.p)} {time.perf_counter() - start:5.0f}s] "
               f"p={p} {pe.where(rows[-1])} fails: {' '.join(bad) or '-'}", flush=True)
-    with open(args.out / "dropout_precision_points.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({k: pe.fmt(v) for k, v in r.items()} for r in rows)
-    text = pe.summary(rows, command, time.perf_counter() - start).replace(
-        "# Precision of 16-bit LoRA plans vs PEFT's own path (issue 11.3)",
-        "# Precision of sparse dropout in 16 bits vs PEFT's own path, same mask")
+    pe.write_points(args.out / "dropout_precision_points.csv", rows)
+    text = pe.summary(rows, command, time.perf_counter() - start,
+                      title="Precision of sparse dropout in 16 bits vs PEFT's own path, same mask")
     (args.out / "dropout_precision_summary.md").write_text(text)
     print(text)
 

@@ -433,9 +433,20 @@ def group(rows: Rows, *keys: str) -> dict[tuple[Any, ...], Rows]:
     return out
 
 
-def summary(rows: Rows, command: str, seconds: float) -> str:
+TITLE = "Precision of 16-bit LoRA plans vs PEFT's own path (issue 11.3)"
+
+
+def write_points(path: Path, rows: Rows) -> None:
+    """The rows as CSV, one per site kind, variant and point."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: fmt(v) for k, v in r.items()} for r in rows)
+
+
+def summary(rows: Rows, command: str, seconds: float, title: str = TITLE) -> str:
     lines = [
-        "# Precision of 16-bit LoRA plans vs PEFT's own path (issue 11.3)", "",
+        f"# {title}", "",
         f"`{command}` — {len(rows)} rows, {seconds:.0f} s.", "",
         f"Rule per point: out_err ≤ {OUT_BOUND}× PEFT's, kept ≥ PEFT's − {KEPT_SLACK}, dx/dA/dB "
         f"err ≤ {GRAD_BOUND}× PEFT's (floor {FLOOR:g}). Worst = the largest ratio over the points, "
@@ -580,10 +591,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                if not r["pass"]]
         print(f"[{i + 1}/{len(points)} {time.perf_counter() - start:6.0f}s] {where(rows[-1])}"
               f" fails: {' '.join(bad) or '-'}", flush=True)
-        with open(args.out / "precision_points.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows({k: fmt(v) for k, v in r.items()} for r in rows)
+        write_points(args.out / "precision_points.csv", rows)  # each point: a cut run keeps its rows
     text = summary(rows, command, time.perf_counter() - start)
     (args.out / "precision_summary.md").write_text(text)
     print(text)
