@@ -136,7 +136,7 @@ def test_a_group_keeps_no_more_storage_than_plain_compile():
     ours.config.use_cache = False  # as in training: k and v are not copied into a cache
     plain = twin(ours)
     ids = torch.randint(0, 128, (4, 256), generator=torch.Generator().manual_seed(0))
-    backend, plain_backend = runlora_fx.Backend({"inner": "eager"}), PlainCompile()
+    backend, plain_backend = runlora_fx.Backend({"inner": "eager", "criterion": "flops"}), PlainCompile()
     step(ours, ids, backend)  # compile
     step(plain, ids, plain_backend)
     decisions = [d for r in backend.reports for d in r.decisions]

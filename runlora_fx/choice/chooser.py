@@ -8,24 +8,31 @@ budget.py).
 from __future__ import annotations
 
 import logging
+import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
 
 from runlora_fx.choice import dynamic, units
 from runlora_fx.choice.budget import Budget, fit_budget
-from runlora_fx.choice.criteria import COUNTED, CRITERIA, Candidate, Decision, pick, reference
+from runlora_fx.choice.criteria import (
+    COUNTED, CRITERIA, Candidate, Decision, pick, priced, reference,
+)
 from runlora_fx.cost.cache import MeasurementCache
-from runlora_fx.cost.cost import AffineCost, Cost, cost_of
+from runlora_fx.cost.cost import AffineCost, Cost, costs_at_0_and_1
 from runlora_fx.cost.measure import time_plans, unit_signature
-from runlora_fx.cost.roofline import device_model, plan_seconds
+from runlora_fx.cost.roofline import DeviceModel, device_model, plan_seconds
 from runlora_fx.ir.plans import Plan, plans_for
+from runlora_fx.ir.program import Program, program_for
 from runlora_fx.ir.rounding import Rounding
 from runlora_fx.ir.site import SiteGroup, dtype_name
 
 log = logging.getLogger("runlora_fx")
+
+# the plans per unit the "time" criterion measures: the roofline's fastest (plans_to_time)
+TIMED_PER_UNIT = 6
 
 
 def anonymous(unit: SiteGroup) -> SiteGroup:
@@ -61,40 +68,65 @@ class Chooser:
         self._caches: dict[str, MeasurementCache] = {}
         self._timed: dict[str, dict[str, float]] = {}  # signature → plan → seconds, this process
         self._chosen: dict[SiteGroup, Decision] = {}  # by anonymous unit: N probes repeat
-        # by anonymous unit at N = 0: each plan's cost at N = 0 and N = 1 (affine in N)
+        # by anonymous unit at N = 0: its legal plans, and each plan's cost at N = 0 and N = 1
+        # (affine in N), worked out when first asked for: a group asks for a handful of its
+        # plans (units.py), not for all of them
+        self._plans: dict[SiteGroup, tuple[Plan, ...]] = {}
         self._affine: dict[SiteGroup, dict[Plan, tuple[Cost, Cost]]] = {}
+        self._programs: dict[SiteGroup, dict[Plan, Program]] = {}  # a plan's steps: any N
 
     def cache(self, device: str) -> MeasurementCache:
         if device not in self._caches:
             self._caches[device] = MeasurementCache(self.cache_root, torch.device(device))
         return self._caches[device]
 
-    def _costs_in_n(self, unit: SiteGroup) -> dict[Plan, tuple[Cost, Cost]]:
-        """Each plan's cost at N = 0 and N = 1, worked out once per shape."""
+    def plans(self, unit: SiteGroup) -> tuple[Plan, ...]:
+        """Every legal plan of the unit, enumerated once per shape."""
         key = anonymous(unit.with_n(0))
-        if key not in self._affine:
-            plans = plans_for(unit, self.rounding, self.fusions, self.sparse_dropout)
-            self._affine[key] = {
-                plan: (cost_of(plan, unit.with_n(0)), cost_of(plan, unit.with_n(1)))
-                for plan in plans
-            }
-        return self._affine[key]
+        if key not in self._plans:
+            self._plans[key] = tuple(plans_for(unit, self.rounding, self.fusions,
+                                               self.sparse_dropout))
+        return self._plans[key]
 
-    def counted(self, unit: SiteGroup) -> tuple[Candidate, ...]:
-        """The unit's candidates with counted costs, evaluated at the unit's N from their costs
-        at N = 0 and 1 (every count is affine in N; probing a symbolic N asks for many)."""
+    def _costs_in_n(self, unit: SiteGroup, plans: Sequence[Plan]) -> list[tuple[Cost, Cost]]:
+        """Each plan's cost at N = 0 and N = 1, worked out once per plan and shape."""
+        known = self._affine.setdefault(anonymous(unit.with_n(0)), {})
+        programs = self.programs(unit, plans)
+        for plan in plans:
+            if plan not in known:
+                known[plan] = costs_at_0_and_1(plan, unit, programs[plan])
+        return [known[plan] for plan in plans]
+
+    def programs(self, unit: SiteGroup, plans: Sequence[Plan]) -> dict[Plan, Program]:
+        """The plans' programs, built once per plan and shape (their steps do not depend on
+        N)."""
+        known = self._programs.setdefault(anonymous(unit.with_n(0)), {})
+        for plan in plans:
+            if plan not in known:
+                known[plan] = program_for(plan, unit)
+        return known
+
+    def counted(self, unit: SiteGroup, plans: Sequence[Plan] | None = None
+                ) -> tuple[Candidate, ...]:
+        """The unit's candidates (`plans`, default all of them) with counted costs, evaluated
+        at the unit's N from their costs at N = 0 and 1 (every count is affine in N; probing a
+        symbolic N asks for many)."""
+        plans = self.plans(unit) if plans is None else tuple(plans)
         return tuple(Candidate(plan, at0.at(unit.n, at1))
-                     for plan, (at0, at1) in self._costs_in_n(unit).items())
+                     for plan, (at0, at1) in zip(plans, self._costs_in_n(unit, plans)))
 
     def affine(self, plan: Plan, unit: SiteGroup) -> AffineCost:
         """One of the unit's candidate plans' counted cost as a function of N."""
-        return AffineCost.between(*self._costs_in_n(unit)[plan])
+        return AffineCost.between(*self._costs_in_n(unit, (plan,))[0])
 
     def candidates(
-        self, unit: SiteGroup, keep: Callable[[Plan], bool] | None = None
+        self, unit: SiteGroup, plans: Sequence[Plan] | None = None
     ) -> tuple[Candidate, ...]:
-        """The unit's candidates (those `keep` accepts), scored as the criterion needs."""
-        counted = tuple(c for c in self.counted(unit) if keep is None or keep(c.plan))
+        """The unit's candidates (`plans`, default all of them), scored as the criterion
+        needs."""
+        counted = self.counted(unit, plans)
+        if self.criterion == "priced":
+            return priced(unit, counted, self.programs(unit, [c.plan for c in counted]))
         if self.criterion in COUNTED:
             return counted
         site = unit.members[0]
@@ -105,18 +137,25 @@ class Chooser:
                 for c in counted
             )
         # timed on warm operands, where a GEMM call is cheaper than inside a step: add the
-        # difference per call (roofline.py), so fused GEMMs get their due
-        timed = self.timings(unit, self.plans_to_time(unit, counted))
+        # difference per call (roofline.py), so fused GEMMs get their due; a plan not timed
+        # (ranked low by the roofline, or over the memory cap) is never chosen
+        timed = self.timings(unit, self.plans_to_time(unit, counted, model))
         return tuple(
-            replace(c, seconds=timed[c.plan.describe()] + c.cost.gemms * model.gemm_call)
-            if c.plan.describe() in timed else c
+            replace(c, seconds=timed[c.plan.describe()] + c.cost.gemms * model.gemm_call
+                    if c.plan.describe() in timed else math.inf)
             for c in counted
         )
 
-    def plans_to_time(self, unit: SiteGroup, counted: Sequence[Candidate]) -> list[Plan]:
-        """The candidates that may be chosen: timing the others would only cost time."""
+    def plans_to_time(self, unit: SiteGroup, counted: Sequence[Candidate],
+                      model: DeviceModel) -> list[Plan]:
+        """The candidates worth timing: those that may be chosen (within the memory cap unless
+        budgeted), and of those the `TIMED_PER_UNIT` the roofline ranks fastest — a measured
+        criterion only has to settle what the model cannot tell apart, and timing every plan
+        of a unit (hundreds under dropout) costs minutes of compile."""
         cap = reference(unit).cost.saved_bytes
-        return [c.plan for c in counted if self.budgeted or c.cost.saved_bytes <= cap]
+        eligible = [c.plan for c in counted if self.budgeted or c.cost.saved_bytes <= cap]
+        return sorted(eligible, key=lambda plan: plan_seconds(plan, unit, model))[
+            :TIMED_PER_UNIT]
 
     def timings(
         self, unit: SiteGroup, plans: Sequence[Plan], progress: str = ""
@@ -175,10 +214,15 @@ class Chooser:
         return dynamic.at_hint(decisions, self.affine), [warning] if warning else []
 
     def measure_ahead(self, groups: Sequence[SiteGroup]) -> None:
-        """Time each distinct unit signature once, with progress, before choosing."""
+        """Time each distinct site signature once, with progress, before choosing (a group's
+        few shared plans are timed when it is decided: they build on its members' choices)."""
         if self.criterion != "time":
             return
-        distinct = {repr(sorted(unit_signature(u).items())): u for u in groups}
+        singles = [single for unit in groups for single in unit.alone()]
+        distinct = {repr(sorted(unit_signature(u).items())): u for u in singles}
         for i, unit in enumerate(distinct.values(), 1):
-            plans = self.plans_to_time(unit, self.counted(unit))
+            site = unit.members[0]
+            model = device_model(torch.device(site.device), site.base_dtype,
+                                 self.cache(site.device))
+            plans = self.plans_to_time(unit, self.counted(unit), model)
             self.timings(unit, plans, progress=f" [signature {i}/{len(distinct)}]")

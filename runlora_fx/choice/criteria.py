@@ -1,5 +1,5 @@
 """Criteria and decisions: a criterion is a sort key over a candidate's counted cost and, for the
-"roofline" and "time" criteria, its predicted or measured seconds (opt_einsum-style registry).
+"priced", "roofline" and "time" criteria, its predicted or measured seconds (opt_einsum-style registry).
 
 `pick` is the choice among a unit's candidates, `choose` the whole choice for the counted
 criteria with no device and no cache; the backend chooses through a `Chooser` (chooser.py).
@@ -7,11 +7,13 @@ criteria with no device and no cache; the backend chooses through a `Chooser` (c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 from runlora_fx.cost.cost import AffineCost, Cost, cost_of
+from runlora_fx.cost.roofline import nominal_model, plan_seconds
 from runlora_fx.ir.plans import Plan, plans_for, reference_plan
+from runlora_fx.ir.program import Program
 from runlora_fx.ir.rounding import Rounding
 from runlora_fx.ir.site import LoraSite, SiteGroup
 
@@ -20,7 +22,8 @@ from runlora_fx.ir.site import LoraSite, SiteGroup
 class Candidate:
     plan: Plan
     cost: Cost
-    seconds: float | None = None  # fwd+bwd: predicted ("roofline") or measured ("time")
+    # fwd+bwd: predicted ("priced": nominal device, "roofline": calibrated) or measured ("time")
+    seconds: float | None = None
 
 
 SortKey = tuple[float, ...]
@@ -28,6 +31,11 @@ CandidateKey = Callable[[Candidate], SortKey]
 
 # the names are options.CRITERION_NAMES (backend.py checks that they agree)
 CRITERIA: dict[str, CandidateKey] = {
+    # the default: fastest by the roofline's formula on a fixed device model of the site's
+    # device kind (roofline.NOMINAL) — every FLOP, byte moved, GEMM call and random draw priced,
+    # so a per-step copy of a large W into a GEMM stack costs what it moves; no measurement,
+    # the same choice on every run; ties go to less saved memory
+    "priced": lambda c: (c.seconds, c.cost.saved_bytes),  # type: ignore[dict-item]
     # fewest FLOPs; ties go to fewer GEMM calls (each costs more than its FLOPs on a CPU),
     # then fewer random draws (a draw costs far more than a byte: a dense dropout mask is
     # slower than the r-wide GEMM that reads it, docs/design.md, "Sparse dropout"), then fewer
@@ -43,7 +51,7 @@ CRITERIA: dict[str, CandidateKey] = {
     # fastest as timed on the device (measure.py); ties go to less saved memory
     "time": lambda c: (c.seconds, c.cost.saved_bytes),  # type: ignore[dict-item]
 }
-COUNTED = ("flops", "memory")  # need no device: pure functions of the shapes
+COUNTED = ("priced", "flops", "memory")  # need no device: pure functions of the shapes
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,17 @@ def counted_candidates(
                  for plan in plans_for(unit, rounding, fusions, sparse_dropout))
 
 
+def priced(unit: SiteGroup, candidates: Sequence[Candidate],
+           programs: Mapping[Plan, Program] | None = None) -> tuple[Candidate, ...]:
+    """The candidates with their seconds on the unit's nominal device (the "priced"
+    criterion); `programs`: the plans' programs where already built."""
+    site = unit.members[0]
+    model = nominal_model(site.device, site.base_dtype)
+    programs = programs or {}
+    return tuple(replace(c, seconds=plan_seconds(c.plan, unit, model, programs.get(c.plan)))
+                 for c in candidates)
+
+
 def pick(unit: SiteGroup, criterion: str, candidates: Sequence[Candidate]) -> Decision:
     """The best candidate by `criterion` among those saving no more than eager PEFT does.
 
@@ -108,8 +127,12 @@ def choose(
     fusions: bool = True,
     sparse_dropout: bool = True,
 ) -> Decision:
-    """The unit's choice by a counted criterion ("flops" or "memory"), each candidate's cost
-    counted at the unit's N: no device, no cache (a `Chooser` chooses for the backend)."""
+    """The unit's choice by a counted criterion ("priced", "flops" or "memory"), each
+    candidate's cost counted at the unit's N: no device, no cache (a `Chooser` chooses for the
+    backend)."""
     if criterion not in COUNTED:
         raise ValueError(f"criterion {criterion!r} needs measurements: use Chooser")
-    return pick(unit, criterion, counted_candidates(unit, rounding, fusions, sparse_dropout))
+    candidates = counted_candidates(unit, rounding, fusions, sparse_dropout)
+    if criterion == "priced":
+        candidates = priced(unit, candidates)
+    return pick(unit, criterion, candidates)

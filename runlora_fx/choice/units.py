@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from runlora_fx.choice.criteria import CRITERIA, Decision, SortKey, pick
-from runlora_fx.ir.plans import Plan
+from runlora_fx.ir.plans import sharing_across
 from runlora_fx.ir.site import SiteGroup
 
 if TYPE_CHECKING:
@@ -22,12 +22,9 @@ def group_or_members(unit: SiteGroup, chooser: Chooser) -> list[Decision]:
     """The group's candidates are its first member's own best plan with each way of sharing
     GEMMs across the members (a handful, so that "time" measures few)."""
     members = [chooser.choose(single) for single in unit.alone()]
-    template = members[0].chosen.plan.within_members()
-
-    def keep(plan: Plan) -> bool:
-        return plan.groups_members and plan.within_members() == template
-
-    shared = list(chooser.candidates(unit, keep))
+    if not chooser.fusions:  # sharing a GEMM is what a group plan is for
+        return members
+    shared = list(chooser.candidates(unit, sharing_across(members[0].chosen.plan, unit)))
     if not shared:
         return members
     group = pick(unit, chooser.criterion, shared)

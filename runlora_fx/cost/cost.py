@@ -145,8 +145,10 @@ def saved_bytes(program: Program, unit: SiteGroup) -> int:
     return sum(_nbytes(metas[name]) for name in program.saved if name not in parameters)
 
 
-def cost_of(plan: Plan, unit: SiteGroup) -> Cost:
-    program = program_for(plan, unit)
+def cost_of(plan: Plan, unit: SiteGroup, program: Program | None = None) -> Cost:
+    """The plan's counted cost at the unit's shapes. `program`: the plan's program, built for
+    any N (its steps do not depend on N, only their shapes do, which are read from `unit`)."""
+    program = program_for(plan, unit) if program is None else program
     steps = step_costs(program, unit)
     return Cost(
         flops=sum(s.flops for s in steps),
@@ -159,4 +161,11 @@ def cost_of(plan: Plan, unit: SiteGroup) -> Cost:
 
 def affine_cost(plan: Plan, unit: SiteGroup) -> AffineCost:
     """The plan's cost at every N, from its costs at N = 0 and N = 1."""
-    return AffineCost.between(cost_of(plan, unit.with_n(0)), cost_of(plan, unit.with_n(1)))
+    return AffineCost.between(*costs_at_0_and_1(plan, unit))
+
+
+def costs_at_0_and_1(plan: Plan, unit: SiteGroup,
+                     program: Program | None = None) -> tuple[Cost, Cost]:
+    """The plan's costs at N = 0 and N = 1, from one build of its program."""
+    program = program_for(plan, unit) if program is None else program
+    return cost_of(plan, unit.with_n(0), program), cost_of(plan, unit.with_n(1), program)

@@ -109,6 +109,29 @@ def device_model(
     return model
 
 
+# The "priced" criterion's device: the roofline's formula on fixed, typical figures per device
+# kind instead of a calibration, so the default choice is a pure function of the shapes —
+# the same on every run, in tests and under a busy machine (a calibration taken while other
+# work runs caches a GEMM call at 30 ms and a bandwidth at 2 GB/s, and every choice after it
+# follows). CPU: 2–16 cores of an AVX2/AVX-512 server (a large fp32 GEMM at ~100 GFLOP/s, an
+# out-of-cache add at ~15 GB/s, a thin GEMM ~50 µs dearer in a step than in a hot loop,
+# docs/design.md §6; a Bernoulli draw ~7 ns). CUDA: an H100/H200 (dense bf16 ~600 TFLOP/s,
+# fp32 without TF32 ~50 TFLOP/s, HBM ~3 TB/s, a launch ~5 µs, Philox draws at bandwidth).
+NOMINAL: dict[tuple[str, bool], DeviceModel] = {  # (device type, 16-bit matmuls)
+    ("cpu", False): DeviceModel(1.0e11, 1.5e10, launch=5e-6, gemm_call=5e-5, draw=7e-9),
+    ("cpu", True): DeviceModel(1.0e11, 1.5e10, launch=5e-6, gemm_call=5e-5, draw=7e-9),
+    ("cuda", False): DeviceModel(5.0e13, 3.0e12, launch=5e-6, draw=2e-12),
+    ("cuda", True): DeviceModel(6.0e14, 3.0e12, launch=5e-6, draw=2e-12),
+}
+
+
+def nominal_model(device: str, dtype: torch.dtype) -> DeviceModel:
+    """The fixed device model of `device`'s kind ("cpu", "cuda:0", …) for matmuls in `dtype`;
+    another kind is priced as a CPU."""
+    kind = torch.device(device).type
+    return NOMINAL[(kind if kind == "cuda" else "cpu", dtype.itemsize < 4)]
+
+
 def predicted_seconds(
     program: Program, unit: SiteGroup, model: DeviceModel
 ) -> float:
@@ -118,9 +141,12 @@ def predicted_seconds(
     )
 
 
-def plan_seconds(plan: Plan, unit: SiteGroup, model: DeviceModel) -> float:
-    """A plan's predicted time: its program's and that of the graph dropouts it reads."""
+def plan_seconds(plan: Plan, unit: SiteGroup, model: DeviceModel,
+                 program: Program | None = None) -> float:
+    """A plan's predicted time: its program's (`program`, built for any N; default: built
+    here) and that of the graph dropouts it reads."""
     dropout = graph_dropout_cost(plan, unit)
     extra = dropout.bytes_moved / model.bandwidth + dropout.draws * model.draw if (
         dropout.draws) else 0.0
-    return predicted_seconds(program_for(plan, unit), unit, model) + extra
+    program = program_for(plan, unit) if program is None else program
+    return predicted_seconds(program, unit, model) + extra

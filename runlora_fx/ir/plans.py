@@ -276,3 +276,18 @@ def plans_for(
         if plan not in seen and illegal_reason(plan, unit) is None:
             seen[plan] = None
     return list(seen)
+
+
+def sharing_across(template: Plan, unit: SiteGroup) -> list[Plan]:
+    """The unit's legal plans that run `template` (a member's own plan) in every member and
+    share GEMMs across members, one per combination of those ways of sharing: the few plans a
+    group is chosen among (plans_for would enumerate every other choice too)."""
+    across = [way.flag for way in SHARING if way.across_members]
+    found: dict[Plan, None] = {}
+    for flags in itertools.product([False, True], repeat=len(across)):
+        plan = canonical(replace(template, **dict(zip(across, flags))), unit)
+        if (plan.groups_members and plan.within_members() == template
+                and illegal_reason(plan, unit) is None):
+            found[plan] = None
+    return list(found)
+
