@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check of the benchmark CLI: the RunLoRA paper's three headline configurations in bf16 on one
-# GPU (sized for an H200, 139 GiB), within about 8 minutes in all.
+# GPU check of the benchmark CLI: the RunLoRA paper's three headline configurations and the shape
+# matrix (real decoder-layer widths, issue 25) in bf16 on one GPU (sized for an H200, 139 GiB),
+# within about 9 minutes in all (540 s: the budget was 480 s before the matrix).
 #
 #   experiments/gpu_check.sh OUT_DIR          # run from the repository root
 #
@@ -9,21 +10,30 @@
 #                                 dropout; its table gives the peak memory)
 #   llama_250m b=58 r=128 s=1024  peft, runlora:flops, peft+inductor
 #   llama_1.3b b=24 r=512 s=1024  peft, runlora:flops, peft+inductor
+#   shapes                        experiments/shapes_exp.py: one decoder layer of Llama-3.2-1B,
+#                                 Qwen2.5-0.5B, Llama-3-8B; b=4 s=512 and s=2048 (8B: s=512),
+#                                 r=16, p 0 and 0.05; peft+inductor, runlora, floor; 3 s of rounds
+#                                 (at least 8) a point. Its own budget (its share) decides how many
+#                                 points run, smallest N first; the table lists those left out.
 #
-# Trimmed to fit: 15 s of timed rounds per configuration (the seed used 20 s per implementation),
+# Trimmed to fit: 10 s of timed rounds per configuration (the seed used 20 s per implementation),
 # and the floor only on 60m (an Inductor compile of a 24-layer training step may take a minute or
-# more). Each run gets a share of the budget (22/15/28/35 %; what a run leaves passes to the next):
+# more). Each run gets a share of the budget (15/12/15/20/38 %; what a run leaves passes to the next):
 # the CLI's --time_limit skips variants, in the order above, whose compile would not fit, and a
 # hard timeout 30 s later guards the rest. Set GPU_CHECK_FLOOR=1 to add the floor to 250m and 1.3b
-# (about two minutes more), GPU_CHECK_BUDGET_S to change the 480 s budget, GPU_CHECK_RUNS to run
-# only some configurations (names as below, e.g. "llama_60m_b64_r8"; the budget is then shared
-# among those alone) and GPU_CHECK_VARIANTS to replace the variants of every run (e.g.
-# "peft+inductor runlora:flops" for the paired ratio alone, on a short lease).
+# (about two minutes more), GPU_CHECK_BUDGET_S to change the 540 s budget, GPU_CHECK_RUNS to run
+# only some configurations (names as below, e.g. "llama_60m_b64_r8" or "shapes"; the budget is then
+# shared among those alone), GPU_CHECK_VARIANTS to replace the variants of every run (e.g.
+# "peft+inductor runlora:flops" for the paired ratio alone, on a short lease) and GPU_CHECK_SHAPES
+# to run only some points of the matrix (shapes_exp's --only patterns, e.g. "llama3.2-1b_*").
 #
-# Writes three files to OUT_DIR (few files, so that a remote runner brings all of them back):
-#   tables.md    every configuration's table, with the environment and any run that failed
-#   results.csv  every configuration's CSV rows, one header
-#   runs.tar.gz  per configuration: the .csv, .md, .png and the full log
+# Writes to OUT_DIR (few files, so that a remote runner brings all of them back; the committed
+# results live in experiments/results/gpu/):
+#   tables.md    every configuration's table and the matrix's, with the environment and any run
+#                that failed
+#   results.csv  every configuration's CSV rows, one header (model_exp's columns)
+#   shapes.md, shapes.csv  the shape matrix's summary (shapes_exp's columns)
+#   runs.tar.gz  per configuration and per matrix point: the .csv, .md, .png and the full log
 #
 # Assumes: a Python (first of $PYTHON, python3, .venv/bin/python whose torch sees CUDA) with a
 # CUDA build of torch >= 2.11 (tested: 2.11 to 2.13) and transformers>=5, peft>=0.21, matplotlib,
@@ -34,8 +44,8 @@
 set -euo pipefail
 
 OUT=${1:?usage: experiments/gpu_check.sh OUT_DIR (run from the repository root)}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
-MIN_RUN_TIME=${GPU_CHECK_MIN_RUN_TIME:-15}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
+MIN_RUN_TIME=${GPU_CHECK_MIN_RUN_TIME:-10}
 TARGETS="q_proj v_proj k_proj o_proj up_proj down_proj gate_proj"
 LARGE_VARIANTS="peft runlora:flops peft+inductor"
 [[ ${GPU_CHECK_FLOOR:-0} == 1 ]] && LARGE_VARIANTS="$LARGE_VARIANTS floor"
@@ -46,12 +56,13 @@ if [[ ! -f experiments/model_exp.py ]]; then
   exit 2
 fi
 
-# name | share of the budget, % | arguments
+# name | share of the budget, % | arguments (of model_exp.py; of shapes_exp.py for "shapes")
 ALL_RUNS=(
-  "llama_60m_b64_r8|22|-m configs/llama_60m.json --n_batch 64 -r 8 --variants ${GPU_CHECK_VARIANTS:-peft runlora:flops peft+inductor floor}"
-  "llama_60m_b64_r8_d005|15|-m configs/llama_60m.json --n_batch 64 -r 8 -d 0.05 --variants ${GPU_CHECK_VARIANTS:-runlora:flops peft+inductor}"
-  "llama_250m_b58_r128|28|-m configs/llama_250m.json --n_batch 58 -r 128 --variants ${GPU_CHECK_VARIANTS:-$LARGE_VARIANTS}"
-  "llama_1.3b_b24_r512|35|-m configs/llama_1.3b.json --n_batch 24 -r 512 --variants ${GPU_CHECK_VARIANTS:-$LARGE_VARIANTS}"
+  "llama_60m_b64_r8|15|-m configs/llama_60m.json --n_batch 64 -r 8 --variants ${GPU_CHECK_VARIANTS:-peft runlora:flops peft+inductor floor}"
+  "llama_60m_b64_r8_d005|12|-m configs/llama_60m.json --n_batch 64 -r 8 -d 0.05 --variants ${GPU_CHECK_VARIANTS:-runlora:flops peft+inductor}"
+  "llama_250m_b58_r128|15|-m configs/llama_250m.json --n_batch 58 -r 128 --variants ${GPU_CHECK_VARIANTS:-$LARGE_VARIANTS}"
+  "llama_1.3b_b24_r512|20|-m configs/llama_1.3b.json --n_batch 24 -r 512 --variants ${GPU_CHECK_VARIANTS:-$LARGE_VARIANTS}"
+  "shapes|38|--dtype bf16 --n_batch 4 --seq_lens 512 2048 --ranks 16 --dropouts 0 0.05 --min_rounds 8 --min_run_time 3 --variants ${GPU_CHECK_VARIANTS:-peft+inductor runlora floor}${GPU_CHECK_SHAPES:+ --only $GPU_CHECK_SHAPES}"
 )
 RUNS=()
 for run in "${ALL_RUNS[@]}"; do
@@ -59,7 +70,7 @@ for run in "${ALL_RUNS[@]}"; do
 done
 if ((${#RUNS[@]} == 0)); then
   echo "gpu_check: GPU_CHECK_RUNS='$ONLY' names no configuration; valid: llama_60m_b64_r8" \
-       "llama_60m_b64_r8_d005 llama_250m_b58_r128 llama_1.3b_b24_r512" >&2
+       "llama_60m_b64_r8_d005 llama_250m_b58_r128 llama_1.3b_b24_r512 shapes" >&2
   exit 2
 fi
 
@@ -93,7 +104,7 @@ trap 'rm -rf "$WORK"' EXIT
   echo "# gpu_check $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
   "$PY" -c "import torch, transformers, peft; print(f'- {torch.cuda.get_device_name()}, torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}')"
-  echo "- bf16, seq_len 1024, all 7 target modules, alpha 8, dropout 0 (_d005: 0.05), min_run_time ${MIN_RUN_TIME} s, budget ${BUDGET_S} s"
+  echo "- bf16, seq_len 1024, all 7 target modules, alpha 8, dropout 0 (_d005: 0.05), min_run_time ${MIN_RUN_TIME} s, budget ${BUDGET_S} s; the shape matrix: its own table below"
   echo
 } >"$WORK/tables.md"
 
@@ -114,6 +125,27 @@ for run in "${RUNS[@]}"; do
     continue
   fi
   echo "gpu_check: $name (timeout ${limit} s)"
+  if [[ $name == shapes ]]; then
+    # shapes_exp stops starting points when its budget is spent and rewrites its summary after
+    # every point, so a run cut short by the timeout still leaves the points it measured
+    set -f  # GPU_CHECK_SHAPES's patterns reach shapes_exp as they are, not as file names
+    # shellcheck disable=SC2086  # word splitting of $args is intended
+    timeout --kill-after=10 "$limit" "$PY" experiments/shapes_exp.py $args --device cuda \
+      --budget $((limit - 30)) -o "$WORK/shapes" >"$WORK/$name.log" 2>&1 && status=0 || status=$?
+    set +f
+    if [[ -f $WORK/shapes/shapes_summary.md ]]; then
+      sed 's/^# /### /' "$WORK/shapes/shapes_summary.md" >>"$WORK/tables.md"
+      cp "$WORK/shapes/shapes_summary.md" "$WORK/shapes.md"
+      cp "$WORK/shapes/shapes_summary.csv" "$WORK/shapes.csv"
+    fi
+    if ((status != 0)); then
+      { echo "### $name: exit $status (1: a point failed; 124/137: timed out after ${limit} s);" \
+             "last lines of its log:"; echo '```'; tail -n 15 "$WORK/$name.log"; echo '```';
+        echo; } >>"$WORK/tables.md"
+    fi
+    echo >>"$WORK/tables.md"
+    continue
+  fi
   # shellcheck disable=SC2086  # word splitting of $args and $TARGETS is intended
   if timeout --kill-after=10 "$limit" "$PY" experiments/model_exp.py $args \
       --dtype bf16 --seq_len 1024 --target_modules $TARGETS --criterions flops \
@@ -136,7 +168,10 @@ for run in "${RUNS[@]}"; do
 done
 
 cp "$WORK/tables.md" "$OUT/tables.md"
-[[ -f $WORK/results.csv ]] && cp "$WORK/results.csv" "$OUT/results.csv"
-tar -czf "$OUT/runs.tar.gz" -C "$WORK" --exclude=tables.md --exclude=results.csv .
+for file in results.csv shapes.md shapes.csv; do
+  [[ -f $WORK/$file ]] && cp "$WORK/$file" "$OUT/$file"
+done
+tar -czf "$OUT/runs.tar.gz" -C "$WORK" --exclude=tables.md --exclude=results.csv \
+  --exclude=shapes.md --exclude=shapes.csv .
 cat "$OUT/tables.md"
 echo "gpu_check: wrote $(ls "$OUT" | tr "\n" " ")to $OUT"
