@@ -53,7 +53,7 @@ from bench_lib import (  # noqa: E402
     variant_error,
     warm_up,
 )
-from runlora_fx import CRITERIA, parse_options  # noqa: E402
+from runlora_fx import CRITERIA, Options, parse_options  # noqa: E402
 from runlora_fx.options import INNER_COMPILERS  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
              "is the pure 16-bit setup (autocast_adapter_dtype=False)")
     add("--target_modules", nargs="+", default=list(ALL_TARGETS),
         help="module names that get LoRA adapters")
-    add("--criterions", nargs="+", default=["flops"],
+    add("--criterions", nargs="+", default=[Options().criterion],
         help="runlora criteria to benchmark, one runlora:<criterion> variant each: "
              + ", ".join(CRITERIA))
     add("--variants", nargs="+", default=None,
