@@ -279,10 +279,10 @@ class Backend:
             held = rewrite(chosen)
             report.stages.append("rewrite")
             graph_debug.rewritten(work)
-            # AOTAutograd passes a module's buffers before the graph's own inputs
-            report.parameter_inputs = (True,) * len(held) + report.parameter_inputs
             compiled = compile_graph(work, example_inputs, self.options, self.mode, report)
             report.stages += ["tag", "compile"]
+            # AOTAutograd passes the module's buffers (the stacks) before the graph's inputs
+            report.parameter_inputs = (True,) * len(held) + report.parameter_inputs
             compiled = guard(refresh(compiled, held), watched_weights(chosen),
                              self.options.rounding, report)
         except Exception as error:  # noqa: BLE001 — contained: plain compile takes over
