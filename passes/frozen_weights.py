@@ -7,7 +7,8 @@ its own placeholders, fed by the outer graph's operands of `tag_activation_check
 (recursively). A parameter Dynamo kept as a constant (`get_attr`) is read from the graph
 module. A W the graph computes (a cast, a view of something else) has no tensor to read:
 merging stays illegal there, and the reason says so. What happens when W changes after
-compiling: runlora_fx/weight_guard.py.
+compiling: runlora_fx/weight_guard.py. The same sources tell which sites' W, A and B the
+backend holds, for persistent stacks (`MergeChecks.hold`, runlora_fx/ir/stacks.py).
 """
 
 from __future__ import annotations
@@ -125,6 +126,10 @@ class MergeChecks:
     sources: dict[fx.Node, Sources]
     rounding: Rounding
     read: dict[fx.Node, list[WeightSource]] = field(default_factory=dict)
+    # the real W, A, B tensors of each held site (by its result node, then (role, adapter)):
+    # a persistent stack is built from them and refreshed when they change (stacks.py)
+    held: dict[fx.Node, dict[tuple[Role, int | None], WeightSource]] = field(
+        default_factory=dict)
 
     @classmethod
     def of(cls, gm: fx.GraphModule, example_inputs: Sequence[Any],
@@ -148,3 +153,29 @@ class MergeChecks:
                 match = replace(match, site=replace(site, merge_check=verdict))
             out.append(match)
         return out
+
+    def hold(self, matches: list[SiteMatch], part: GraphPart) -> list[SiteMatch]:
+        """The matches of `part`, each marked `weights_held` where its W, A and B are each
+        exactly one real tensor the backend receives: a top-level graph input or constant (a
+        checkpointed body is recomputed from its own inputs, so its stacks stay cats)."""
+        if part.name:
+            return matches
+        out = []
+        for match in matches:
+            tensors = {key: resolve(node, part.module, self.sources)
+                       for key, node in match.nodes.items() if key[0] in HELD_ROLES}
+            if match.site.base is Base.LINEAR and all(_plain(t) for t in tensors.values()):
+                self.held[match.root] = {key: t[0] for key, t in tensors.items()}  # type: ignore[index]
+                match = replace(match, site=replace(match.site, weights_held=True))
+            out.append(match)
+        return out
+
+
+HELD_ROLES = (Role.WEIGHT, Role.LORA_A, Role.LORA_B)
+
+
+def _plain(sources: Sources) -> bool:
+    """One real tensor, not a fake or a subclass (a DTensor's shards are not the whole W)."""
+    return (isinstance(sources, list) and len(sources) == 1
+            and type(sources[0].tensor) in (torch.Tensor, torch.nn.Parameter)
+            and sources[0].tensor.device.type != "meta")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -26,8 +27,11 @@ from runlora_fx import coverage
 from runlora_fx.choice.budget import Budget
 from runlora_fx.choice.chooser import Chooser
 from runlora_fx.choice.criteria import CRITERIA, Decision
+from runlora_fx.ir import operands as ops
 from runlora_fx.ir.compat import check_torch, default_cache_dir
-from runlora_fx.ir.site import LoraSite, SkippedSite
+from runlora_fx.ir.execute import UnitCall
+from runlora_fx.ir.program import program_for
+from runlora_fx.ir.site import LoraSite, SiteGroup, SkippedSite
 from runlora_fx.options import CRITERION_NAMES, INNER_COMPILERS, Options, parse_options
 from runlora_fx.passes.find_sites import find_sites
 from runlora_fx.passes.frozen_weights import MergeChecks, WeightSource
@@ -35,9 +39,10 @@ from runlora_fx.passes.graphs import GraphPart, graph_parts, node_order, working
 from runlora_fx.passes.group_sites import MatchedUnit, group_sites
 from runlora_fx.passes.lora_modules import unrecognised
 from runlora_fx.passes.recompute_tags import RecomputeTags, StageError
-from runlora_fx.passes.rewrite import rewrite_unit
+from runlora_fx.passes.rewrite import hold_buffer, rewrite_unit
 from runlora_fx.report.debug import DebugOutput
 from runlora_fx.report.graph_report import GraphReport
+from runlora_fx.stack_refresh import HeldStack, refresh
 from runlora_fx.weight_guard import Watched, guard
 
 log = logging.getLogger("runlora_fx")
@@ -84,6 +89,9 @@ class Chosen:
     unit: MatchedUnit
     decision: Decision
     weights: tuple[tuple[LoraSite, WeightSource], ...] = ()  # the checked W's its sites read
+    # per operand name of a held site's W, A, B: (graph input index or None, read as `.t()`,
+    # the real tensor) — what its persistent stacks are built from
+    held: Mapping[str, tuple[int | None, bool, torch.Tensor]] = field(default_factory=dict)
 
 
 # ---- the stages --------------------------------------------------------------------------------
@@ -108,7 +116,7 @@ def find(gm: fx.GraphModule, report: GraphReport, grouping: bool = True,
             matches = []
         report.skipped += [SkippedSite(s.path, part.reason_prefix + s.reason) for s in skipped]
         if checks is not None:
-            matches = checks.check(matches, part)
+            matches = checks.hold(checks.check(matches, part), part)
         found.append(Found(part, group_sites(matches, sparse_dropout, grouping)))
     return found
 
@@ -139,23 +147,39 @@ def decide(
     return chosen
 
 
-def rewrite(chosen: list[Chosen]) -> None:
-    """Replace each chosen unit by its planned call, in the graph part it was found in."""
+def rewrite(chosen: list[Chosen]) -> list[HeldStack]:
+    """Replace each chosen unit by its planned call, in the graph part it was found in; each
+    persistent stack a plan reads becomes a buffer of that graph module (held sites are
+    top-level), filled from the real tensors. Returns the stacks, for the refresh."""
     modules: dict[int, fx.GraphModule] = {}
     orders: dict[int, dict[fx.Node, int]] = {}
     counters = itertools.count()
     replaced: dict[fx.Node, fx.Node] = {}  # a site's result → its planned call's
+    held: list[HeldStack] = []
     for item in chosen:
         name = f"runlora_{item.part.name + '_' if item.part.name else ''}{next(counters)}"
-        plan = item.decision.chosen.plan
+        planned = UnitCall(name, item.unit.group, item.decision.chosen.plan)
         graph = item.part.module.graph
         if id(graph) not in orders:  # the order before its first rewrite holds for its sites
             orders[id(graph)] = node_order(graph)
-        rewrite_unit(graph, item.unit, plan, name, replaced, orders[id(graph)])
+        attributes = {}
+        for k, stack in enumerate(planned.program.stacks):
+            one = HeldStack.build(stack, item.held, static_scales(item.unit.group))
+            attributes[stack.name] = f"{name}_stack{k}"
+            hold_buffer(item.part.module, attributes[stack.name], one.buffer)
+            held.append(one)
+        rewrite_unit(graph, item.unit, planned, replaced, orders[id(graph)], attributes)
         modules[id(item.part.module)] = item.part.module
     for module in modules.values():
         module.graph.lint()
         module.recompile()
+    return held
+
+
+def static_scales(unit: SiteGroup) -> tuple[float, ...]:
+    """The unit's scales by index where static (a persistent stack is scaled by those only)."""
+    return tuple(a.scale if a.scale is not None else math.nan
+                 for site in unit.members for a in site.adapters)
 
 
 def compile_graph(
@@ -199,8 +223,25 @@ def find_and_decide(gm: fx.GraphModule, report: GraphReport, options: Options, c
     report.stages.append("find")
     chosen = decide(found, report, chooser, options.memory_budget)
     report.stages.append("choose")
-    return [replace(c, weights=tuple((m.site, w) for m in c.unit.matches
-                                     for w in checks.read.get(m.root, ()))) for c in chosen]
+    chosen = [replace(c, weights=tuple((m.site, w) for m in c.unit.matches
+                                       for w in checks.read.get(m.root, ())),
+                      held=held_operands(c.unit, checks)) for c in chosen]
+    report.stack_bytes = sum(s.meta[1].itemsize * math.prod(s.meta[0]) for c in chosen
+                             for s in program_for(c.decision.chosen.plan, c.unit.group).stacks)
+    return chosen
+
+
+def held_operands(unit: MatchedUnit, checks: MergeChecks
+                  ) -> dict[str, tuple[int | None, bool, torch.Tensor]]:
+    """The real tensor behind each W, A, B operand of the unit's held sites (Chosen.held)."""
+    found = {}
+    for op in ops.operands(unit.group):
+        match = unit.matches[op.member]
+        source = checks.held.get(match.root, {}).get((op.role, op.adapter))
+        if source is not None:
+            found[op.name] = (source.index, (op.role, op.adapter) in match.transposed,
+                              source.tensor)
+    return found
 
 
 def watched_weights(chosen: list[Chosen]) -> list[Watched]:
@@ -235,12 +276,15 @@ class Backend:
             work = working_copy(gm)  # `gm` stays as captured: the fallback compiles it
             chosen = find_and_decide(work, report, self.options, self.chooser, example_inputs)
             graph_debug = self.debug.start(report, work)  # log lines; sites.json, report.md
-            rewrite(chosen)
+            held = rewrite(chosen)
             report.stages.append("rewrite")
             graph_debug.rewritten(work)
             compiled = compile_graph(work, example_inputs, self.options, self.mode, report)
             report.stages += ["tag", "compile"]
-            compiled = guard(compiled, watched_weights(chosen), self.options.rounding, report)
+            # AOTAutograd passes the module's buffers (the stacks) before the graph's inputs
+            report.parameter_inputs = (True,) * len(held) + report.parameter_inputs
+            compiled = guard(refresh(compiled, held), watched_weights(chosen),
+                             self.options.rounding, report)
         except Exception as error:  # noqa: BLE001 — contained: plain compile takes over
             if self.options.strict:
                 raise

@@ -7,17 +7,18 @@ activations the backward reads from the forward (weights excluded); `gemms` coun
 calls, which on a CPU cost more than their FLOPs say (docs/choosing.md, "Roofline model");
 `draws` counts random numbers drawn. A plan that reads the graph's own dropout pays for it here
 too (a dense mask drawn, applied forward and backward, and kept), since its program only
-receives D(x).
+receives D(x). A persistent stack (runlora_fx/ir/stacks.py) costs a step only the rewrite of
+its trainable parts (`refresh_costs`), not its frozen W rows.
 """
 
 from __future__ import annotations
 
 from dataclasses import astuple, dataclass, fields
 
-from runlora_fx.ir import operands as ops
 from runlora_fx.ir.dropout import expected_count
 from runlora_fx.ir.plans import Dropout, Plan
-from runlora_fx.ir.program import Program, metas_of, program_for
+from runlora_fx.ir.operands import Derived, derived
+from runlora_fx.ir.program import Program, metas_of, operand_metas, program_for, program_operands
 from runlora_fx.ir.steps import Meta, Step, infer, mm_dims
 from runlora_fx.ir.site import SiteGroup
 
@@ -96,10 +97,28 @@ def _sparse_bytes(step: Step, metas: dict[str, Meta]) -> int:
     return count * (4 + elt + a_shape[0] * (left_dtype.itemsize + a_dtype.itemsize))
 
 
+def refresh_costs(program: Program, unit: SiteGroup) -> list[StepCost]:
+    """Per persistent stack (stacks.py) what a step costs it: its trainable parts (A, s·B)
+    read and written into the held buffer again after an optimizer step. Its frozen W rows
+    are written once, not per step."""
+    metas = operand_metas(program, unit)
+    operands = {op.name: op for op in program_operands(unit, program)}
+    costs = []
+    for stack in program.stacks:
+        parts = stack.trainable_parts(operands)
+        if parts:
+            part_metas = stack.part_metas(metas)
+            moved = 2 * sum(_nbytes(part_metas[p]) for p in parts)
+            costs.append(StepCost(Step(derived(Derived.REFRESHED, stack.name), "refresh", parts),
+                                  0, moved))
+    return costs
+
+
 def step_costs(program: Program, unit: SiteGroup) -> list[StepCost]:
-    """Every step of forward then backward with its FLOPs, bytes and draws, in program order."""
-    metas = dict(ops.shapes_and_dtypes(unit, program.graph_dropout))
-    costs: list[StepCost] = []
+    """Every step of forward then backward with its FLOPs, bytes and draws, in program order;
+    first the refresh of the program's persistent stacks, a pseudo-step each."""
+    metas = operand_metas(program, unit)
+    costs: list[StepCost] = refresh_costs(program, unit)
     for step in (*program.forward, *program.backward):
         metas[step.out] = infer(step, metas)
         flops, draws = 0, 0
@@ -141,7 +160,7 @@ def graph_dropout_cost(plan: Plan, unit: SiteGroup) -> Cost:
 
 def saved_bytes(program: Program, unit: SiteGroup) -> int:
     metas = metas_of(program, unit)
-    parameters = ops.parameter_names(unit)
+    parameters = {op.name for op in program_operands(unit, program) if op.role.is_parameter}
     return sum(_nbytes(metas[name]) for name in program.saved if name not in parameters)
 
 

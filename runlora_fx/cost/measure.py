@@ -4,7 +4,9 @@ A site is timed through the same `autograd.Function` the rewritten graph calls, 
 tensors of the site's shapes, outside torch.compile: the matmuls dominate and are the same
 kernels Inductor calls (extern mm), while the elementwise steps it would fuse are cheap. A plan
 that reads the graph's dropout is timed with that dropout (mask drawn, applied, and its
-backward), since a plan drawing its own dropped positions pays for those.
+backward), since a plan drawing its own dropped positions pays for those. A persistent stack
+(runlora_fx/ir/stacks.py) is built before timing, as the backend holds it: its refresh after
+an optimizer step is not timed (the cost model counts it).
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from typing import Any
 import torch
 
 from runlora_fx.ir import operands as ops
-from runlora_fx.ir.execute import ProgramFunction
+from runlora_fx.ir.execute import ProgramFunction, stack_tensor
 from runlora_fx.ir.plans import Plan
-from runlora_fx.ir.program import program_for
+from runlora_fx.ir.program import program_for, program_operands
 from runlora_fx.ir.site import SiteGroup
 
 log = logging.getLogger("runlora_fx")
@@ -46,6 +48,8 @@ def unit_signature(unit: SiteGroup) -> dict[str, Any]:
         "layout": [s.weight_layout.name for s in members],
         "dropout_p": [a.dropout_p for s in members for a in s.adapters],
     }
+    if any(s.weights_held for s in members):  # its stacks of W persist: no cat is timed
+        signature["weights_held"] = [s.weights_held for s in members]
     return signature
 
 
@@ -112,13 +116,18 @@ def _session(
     dys = [torch.randn(s.n, s.d_out, generator=gen, device=device).to(s.result_dtype)
            for s in unit.members]
     programs = {plan: program_for(plan, unit) for plan in plans}
-    reads = {plan: tuple(op.name for op in ops.operands(unit, programs[plan].graph_dropout))
+    reads = {plan: tuple(op.name for op in program_operands(unit, programs[plan]))
              for plan in plans}
+    # a persistent stack is built once, as the backend holds it; a step does not rebuild it
+    leaves = dict(zip(names, tensors))
+    stacks = {plan: {s.name: stack_tensor(s, leaves, scales) for s in programs[plan].stacks}
+              for plan in plans}
 
     def step(plan: Plan) -> float:
         synchronize(device)
         start = time.perf_counter()
         env = dict(zip(names, tensors))
+        env.update(stacks[plan])
         if programs[plan].graph_dropout:
             _graph_dropouts(unit, env)
         out = ProgramFunction.apply(programs[plan], "timing", scales, reads[plan],

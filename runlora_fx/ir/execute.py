@@ -17,7 +17,8 @@ from runlora_fx.ir import dropout
 from runlora_fx.ir import operands as ops
 from runlora_fx.ir.plans import Plan
 from runlora_fx.ir.rounding import round_to
-from runlora_fx.ir.program import Program, program_for
+from runlora_fx.ir.program import Program, program_for, program_operands
+from runlora_fx.ir.stacks import Stack
 from runlora_fx.ir.steps import Step
 from runlora_fx.ir.site import SiteGroup
 
@@ -89,6 +90,23 @@ def run_steps(
             env[step.out] = _apply(step, env, scales, operands, tag)
 
 
+def stack_parts(stack: Stack, parts: Sequence[str], env: Mapping[str, torch.Tensor],
+                scales: Sequence[Scale]) -> dict[str, torch.Tensor]:
+    """`parts` of a persistent stack computed from its operands in `env` (no grad recorded)."""
+    values = dict(env)
+    with torch.no_grad():
+        run_steps(stack.steps_for(parts), values, scales, stack.name, {})
+    return {part: values[part] for part in parts}
+
+
+def stack_tensor(stack: Stack, env: Mapping[str, torch.Tensor],
+                 scales: Sequence[Scale]) -> torch.Tensor:
+    """A persistent stack built whole, as its own contiguous tensor."""
+    parts = stack_parts(stack, stack.parts, env, scales)
+    with torch.no_grad():
+        return torch.cat([parts[p] for p in stack.parts], stack.dim).contiguous()
+
+
 class ProgramFunction(torch.autograd.Function):
     """Forward and backward of one program over the unit's operand tensors (in `names`)."""
 
@@ -131,7 +149,7 @@ class UnitCall:
         self.unit = unit
         self.plan = plan
         self.program = program_for(plan, self.unit)
-        self.operands = ops.operands(self.unit, self.program.graph_dropout)
+        self.operands = program_operands(self.unit, self.program)
 
     def __call__(
         self, tensors: Sequence[torch.Tensor], scales: Sequence[Scale]

@@ -29,11 +29,12 @@ class Role(enum.Enum):
     BASE_RESULT = "base"  # an opaque (quantized) base's result, computed by the graph
     LORA_A = "A"
     LORA_B = "B"
+    STACK = "stack"  # a persistent stack of parameters (stacks.py), held by the backend
 
     @property
     def is_parameter(self) -> bool:
-        """Weights: never counted as saved activations."""
-        return self in (Role.WEIGHT, Role.BIAS, Role.LORA_A, Role.LORA_B)
+        """Weights (and stacks of them): never counted as saved activations."""
+        return self in (Role.WEIGHT, Role.BIAS, Role.LORA_A, Role.LORA_B, Role.STACK)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class Derived(enum.Enum):
     VIEW = "{}@"  # a slice of a fused GEMM, before the copy that gives it its own storage
     TRANSPOSED = "{}ᵀ"  # a transposed view
     JOINED = "cat({})"  # operands concatenated (their names, comma-separated)
+    REFRESHED = "refresh({})"  # a persistent stack's trainable parts rewritten (a cost only)
     FUSED = "mm({})"  # one GEMM for several (their results' names, comma-separated)
     ON_X = "x{}"  # h's product on x itself, before its sparse-dropout correction
     DENSE = "{}:x"  # leftᵀ·x, before its sparse-dropout correction

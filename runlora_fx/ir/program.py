@@ -23,6 +23,7 @@ from runlora_fx.ir.operands import Derived, derived, value
 from runlora_fx.ir.plans import Dropout, Forward, GradA, GradB, Hidden, InputGrad, Plan, canonical
 from runlora_fx.ir.sharing import SHARING, Gemm
 from runlora_fx.ir.site import Base, LoraSite, SiteGroup
+from runlora_fx.ir.stacks import Stack, persist, without_dead
 from runlora_fx.ir.steps import Meta, Step, infer
 
 
@@ -35,11 +36,32 @@ class Program:
     grads: tuple[tuple[str, str], ...]  # (operand name, grad name) pairs the backward returns
     saved: tuple[str, ...]  # forward names the backward reads
     graph_dropout: bool = True  # its dropout branches' D(x) are operands (the graph's dropout)
+    # joined operands held across steps (stacks.py): read like operands, refreshed outside
+    stacks: tuple[Stack, ...] = ()
+
+
+def program_operands(unit: SiteGroup, program: Program) -> tuple[ops.Operand, ...]:
+    """The operands the program reads, in call order: the unit's (operands.py), then one per
+    persistent stack (a buffer the backend holds; no grad flows into it)."""
+    found = ops.operands(unit, program.graph_dropout)
+    owner = {op.name: op.member for op in found}
+    return found + tuple(
+        ops.Operand(s.name, ops.Role.STACK, s.meta[0], s.meta[1], False,
+                    min(owner[leaf] for leaf in s.leaves()))
+        for s in program.stacks
+    )
+
+
+def operand_metas(program: Program, unit: SiteGroup) -> dict[str, Meta]:
+    """Shape and dtype of every operand (stacks included) and tangent of the program."""
+    metas = dict(ops.shapes_and_dtypes(unit, program.graph_dropout))
+    metas.update((s.name, s.meta) for s in program.stacks)
+    return metas
 
 
 def metas_of(program: Program, unit: SiteGroup) -> dict[str, Meta]:
     """Shape and dtype of every name the program reads or defines."""
-    metas = dict(ops.shapes_and_dtypes(unit, program.graph_dropout))
+    metas = operand_metas(program, unit)
     for step in (*program.forward, *program.backward):
         metas[step.out] = infer(step, metas)
     return metas
@@ -288,11 +310,14 @@ def program_for(plan: Plan, unit: SiteGroup) -> Program:
         dx = dx_terms[0] if len(dx_terms) == 1 else backward.emit(
             Step(ops.DX, "add", tuple(dx_terms)))
         grads.insert(0, (ops.X, dx))
-    backward_steps = fuse(backward.steps, plan.sharing, backward.metas)
     tangents = tuple(ops.tangent(m) for m in range(len(unit.members)))
+    fused_forward = fuse(forward.steps, plan.sharing, forward.metas)
+    fused_backward = fuse(backward.steps, plan.sharing, backward.metas)
+    holding = _Holding(unit, not plan.sparse_dropout, fused_forward)
+    backward_steps = holding.take(fused_backward, backward.metas, set())
     saved = _saved(backward_steps, tangents)
-    forward_steps = _leaving_slices_copied(fuse(forward.steps, plan.sharing, forward.metas),
-                                           {*saved, *outputs})
+    forward_steps = holding.take(fused_forward, forward.metas, {*saved, *outputs})
+    forward_steps = _leaving_slices_copied(forward_steps, {*saved, *outputs})
     return Program(
         forward=tuple(forward_steps),
         backward=tuple(backward_steps),
@@ -301,7 +326,31 @@ def program_for(plan: Plan, unit: SiteGroup) -> Program:
         grads=tuple(grads),
         saved=saved,
         graph_dropout=not plan.sparse_dropout,
+        stacks=tuple(holding.stacks.values()),
     )
+
+
+class _Holding:
+    """The persistent stacks of a program, phase by phase (stacks.py): each phase's cats that
+    may persist come out, and with them the steps that only fed them."""
+
+    def __init__(self, unit: SiteGroup, graph_dropout: bool, forward: list[Step]) -> None:
+        self.held = [site.weights_held for site in unit.members]
+        self.static = [a.scale is not None for site in unit.members for a in site.adapters]
+        self.operands = {op.name: op for op in ops.operands(unit, graph_dropout)}
+        self.forward = {s.out: s for s in forward}
+        self.stacks: dict[str, Stack] = {}
+        self.fed: set[str] = set()  # results of the steps that fed a stack
+
+    def take(self, steps: list[Step], metas: dict[str, Meta], live: set[str]) -> list[Step]:
+        if not any(self.held):
+            return steps
+        producers = {**self.forward, **{s.out: s for s in steps}}
+        kept, stacks = persist(steps, producers, self.operands, self.held, self.static, metas)
+        for stack in stacks:
+            self.stacks.setdefault(stack.name, stack)
+            self.fed |= {s.out for s in stack.derive}
+        return without_dead(kept, self.fed, live)
 
 
 def _leaving_slices_copied(forward: list[Step], leaving: set[str]) -> list[Step]:

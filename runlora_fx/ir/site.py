@@ -82,6 +82,9 @@ class LoraSite:
     # the verdict on merged plans read from the site's own frozen W (merge_check.py); None:
     # not checked, and the measured rule (precision.RULE) decides alone
     merge_check: MergeCheck | None = None
+    # its W, A and B are top-level graph inputs (or constants) whose real tensors the backend
+    # holds: a stack of them may persist across steps (stacks.py); hand-built sites: False
+    weights_held: bool = False
 
     def __post_init__(self) -> None:
         for name, default in (("base_dtype", self.dtype), ("weight_dtype", self.dtype),

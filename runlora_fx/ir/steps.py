@@ -14,7 +14,8 @@ from runlora_fx.ir.rounding import Rounding
 from runlora_fx.ir.sharing import Gemm
 
 Op = Literal["mm", "scale", "add", "sub", "colsum", "cast", "round", "cat", "slice", "t", "copy",
-             "seed", "positions", "s_times_at", "lt_times_s", "zero_at", "minus_dots_at"]
+             "seed", "positions", "s_times_at", "lt_times_s", "zero_at", "minus_dots_at",
+             "refresh"]
 Shape = tuple[int, ...]
 Meta = tuple[Shape, torch.dtype]
 
@@ -31,7 +32,10 @@ class Step:
     seed: a seed from torch's generator of args[0]'s device; positions: P of a Bernoulli(`p`) mask over args[1]'s
     elements, from seed args[0]; s_times_at: S·Aᵀ of (x, P, A); lt_times_s: Lᵀ·S of (L, P, x);
     zero_at: args[0] with P zeroed; minus_dots_at: (dense, P, L, A) → dense − `factor`·(L·A)
-    at P."""
+    at P.
+
+    refresh: a persistent stack's parts `args` rewritten in place between steps (stacks.py);
+    never in a program, only in its costs (cost.step_costs)."""
 
     out: str
     op: Op

@@ -195,7 +195,9 @@ def document(reports: Iterable[tuple[str, GraphReport]], criterion: str) -> Reco
         "failures": failures,
         "coverage": coverage,
         "totals": {**totals(sites, skipped),
-                   "lora_modules": None if coverage is None else coverage["lora_modules"]},
+                   "lora_modules": None if coverage is None else coverage["lora_modules"],
+                   # held across steps, not per step: copies of frozen W's (stacks.py)
+                   "stack_bytes": sum(report.stack_bytes for _, report in reports)},
     }
 
 

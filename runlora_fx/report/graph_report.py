@@ -39,6 +39,9 @@ class GraphReport:
     parameter_inputs: tuple[bool, ...] = ()  # per graph input: is it an nn.Parameter
     # re-checks of a merged site's W that changed after compiling (weight_guard.py)
     merge_rechecks: list[str] = field(default_factory=list)
+    # bytes of the persistent stacks (copies of frozen W's joined with A or s·B) the chosen
+    # plans hold across steps (runlora_fx/ir/stacks.py)
+    stack_bytes: int = 0
     forward: fx.GraphModule | None = None
     backward: fx.GraphModule | None = None
     # called as f("forward" | "backward", gm) when a partitioned graph arrives (the debug dump)

@@ -143,8 +143,13 @@ def summary_line(doc: Mapping[str, Any]) -> str:
         f"{modules} LoRA modules rewritten ({total['sites_found']} LoRA sites "
         f"found, {total['sites_rewritten']} rewritten, {total['sites_skipped']} skipped; "
         f"FLOPs {pct(change['flops'])}, saved bytes {pct(change['saved_bytes'])} "
-        f"vs the PEFT order, criterion {doc['criterion']}{_groups(total)})"
+        f"vs the PEFT order, criterion {doc['criterion']}{_groups(total)}{_stacks(total)})"
     )
+
+
+def _stacks(total: Mapping[str, Any]) -> str:
+    held = total.get("stack_bytes", 0)
+    return f", persistent stacks {held / 2**20:.1f} MiB" if held else ""
 
 
 def _groups(total: Mapping[str, Any]) -> str:
