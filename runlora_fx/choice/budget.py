@@ -40,7 +40,7 @@ def reference_input_bytes(unit: SiteGroup) -> int:
 
 
 def decided_bytes(candidate: Candidate, unit: SiteGroup) -> int:
-    return candidate.cost.saved_bytes - reference_input_bytes(unit)
+    return candidate.cost.kept_bytes - reference_input_bytes(unit)
 
 
 def budget_bytes(budget: Budget, reference_saved: int) -> int:
@@ -94,7 +94,7 @@ def fit_budget(
     reference = sum((d.memory_cap or 0) - free for (d, _), free in zip(sites, inputs))
     limit = budget_bytes(budget, reference)
     options = [
-        [(key(c), c.cost.saved_bytes - free) for c in cands]
+        [(key(c), c.cost.kept_bytes - free) for c in cands]
         for (_, cands), free in zip(sites, inputs)
     ]
     picks = knapsack(options, limit)

@@ -153,7 +153,7 @@ class Chooser:
         criterion only has to settle what the model cannot tell apart, and timing every plan
         of a unit (hundreds under dropout) costs minutes of compile."""
         cap = reference(unit).cost.saved_bytes
-        eligible = [c.plan for c in counted if self.budgeted or c.cost.saved_bytes <= cap]
+        eligible = [c.plan for c in counted if self.budgeted or c.cost.kept_bytes <= cap]
         return sorted(eligible, key=lambda plan: plan_seconds(plan, unit, model))[
             :TIMED_PER_UNIT]
 

@@ -107,14 +107,16 @@ def priced(unit: SiteGroup, candidates: Sequence[Candidate],
 
 
 def pick(unit: SiteGroup, criterion: str, candidates: Sequence[Candidate]) -> Decision:
-    """The best candidate by `criterion` among those saving no more than eager PEFT does.
+    """The best candidate by `criterion` among those keeping no more than eager PEFT saves.
 
-    The memory cap keeps "flops" from trading a d_out×d_in W_eff per site for a few FLOPs.
+    The memory cap keeps "flops" from trading a d_out×d_in W_eff per site for a few FLOPs, and
+    any criterion from holding a copy of a large W in a persistent GEMM stack (stacks.py) to
+    save a thin GEMM call: what a plan keeps is its saved activations plus its held stacks.
     """
     key = CRITERIA[criterion]
     peft = reference(unit)
     cap = peft.cost.saved_bytes
-    affordable = [c for c in candidates if c.cost.saved_bytes <= cap]
+    affordable = [c for c in candidates if c.cost.kept_bytes <= cap]
     # min() keeps the first of equals, and plans_for's order is stable: deterministic choice
     chosen = min(affordable, key=key)
     return Decision(unit, criterion, chosen, tuple(candidates), cap, peft)

@@ -33,6 +33,13 @@ class Cost:
     saved_bytes: int
     gemms: int = 0
     draws: int = 0
+    # persistent stacks (stacks.py) the plan holds across steps: a copy of each W they stack
+    held_bytes: int = 0
+
+    @property
+    def kept_bytes(self) -> int:
+        """What the plan keeps beyond the parameters: saved activations and held stacks."""
+        return self.saved_bytes + self.held_bytes
 
     def at(self, n: int, at_one: Cost) -> Cost:
         """The cost at N = n, `self` being the cost at N = 0 and `at_one` at N = 1: every count
@@ -175,6 +182,7 @@ def cost_of(plan: Plan, unit: SiteGroup, program: Program | None = None) -> Cost
         saved_bytes=saved_bytes(program, unit),
         gemms=sum(s.step.op == "mm" for s in steps),
         draws=sum(s.draws for s in steps),
+        held_bytes=sum(_nbytes(stack.meta) for stack in program.stacks),
     ) + graph_dropout_cost(plan, unit)
 
 

@@ -105,7 +105,7 @@ def site_record(decision: Decision, graph: str) -> Record:
             {
                 **plan_record(c),
                 "chosen": c == decision.chosen,
-                "over_memory_cap": cap is not None and c.cost.saved_bytes > cap,
+                "over_memory_cap": cap is not None and c.cost.kept_bytes > cap,
             }
             for c in decision.candidates
         ],
