@@ -98,11 +98,13 @@ class Chosen:
 
 
 def find(gm: fx.GraphModule, report: GraphReport, grouping: bool = True,
-         sparse_dropout: bool = True, checks: MergeChecks | None = None) -> list[Found]:
+         sparse_dropout: bool = True, checks: MergeChecks | None = None,
+         hold: bool = False) -> list[Found]:
     """Every site of `gm` and of its higher-order-op bodies, grouped into planning units; the
     skipped ones (with reasons) and the LoRA-like modules no site covers go to `report`.
     `sparse_dropout`: whether dropout branches may be grouped (their plans draw their own
-    dropped positions); `checks`: the merge check each 16-bit site gets from its own W."""
+    dropped positions); `checks`: the merge check each 16-bit site gets from its own W; `hold`:
+    whether sites whose W, A and B it holds may keep GEMM stacks across steps (stacks.py)."""
     parts = [(part, *find_sites(part.module.graph)) for part in graph_parts(gm)]
     # a module whose LoRA runs in a checkpoint body is covered there, not missed at the top
     covered = [x.site.path for _, matches, _ in parts for x in matches]
@@ -116,7 +118,9 @@ def find(gm: fx.GraphModule, report: GraphReport, grouping: bool = True,
             matches = []
         report.skipped += [SkippedSite(s.path, part.reason_prefix + s.reason) for s in skipped]
         if checks is not None:
-            matches = checks.hold(checks.check(matches, part), part)
+            matches = checks.check(matches, part)
+            if hold:
+                matches = checks.hold(matches, part)
         found.append(Found(part, group_sites(matches, sparse_dropout, grouping)))
     return found
 
@@ -218,8 +222,12 @@ def find_and_decide(gm: fx.GraphModule, report: GraphReport, options: Options, c
     """find then choose, into `report`: what the backend would rewrite (explain() stops here).
     `example_inputs` are the real tensors of gm's inputs, whose W's the merge check reads."""
     checks = MergeChecks.of(gm, example_inputs, options.rounding)
+    # a held stack keeps a W-sized copy: only a memory budget says how much memory may buy
+    # speed (without one, no plan keeps more than eager PEFT saves, and a stack copies W as
+    # a cat each step, as it always has)
     found = find(gm, report, grouping=options.fusions and options.memory_budget is None,
-                 sparse_dropout=chooser.sparse_dropout, checks=checks)
+                 sparse_dropout=chooser.sparse_dropout, checks=checks,
+                 hold=options.memory_budget is not None)
     report.stages.append("find")
     chosen = decide(found, report, chooser, options.memory_budget)
     report.stages.append("choose")

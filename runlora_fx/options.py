@@ -10,7 +10,7 @@ from typing import Any
 
 from runlora_fx.ir.rounding import Rounding
 
-CRITERION_NAMES = ("priced", "flops", "memory", "roofline", "time")  # choice/criteria.py: CRITERIA
+CRITERION_NAMES = ("flops", "priced", "memory", "roofline", "time")  # choice/criteria.py: CRITERIA
 INNER_COMPILERS = ("inductor", "eager")
 DROPOUT_MODES = ("auto", "sparse", "graph")
 STRICT_ENV = "RUNLORA_STRICT"
@@ -18,7 +18,7 @@ STRICT_ENV = "RUNLORA_STRICT"
 
 @dataclass(frozen=True)
 class Options:
-    criterion: str = "priced"
+    criterion: str = "flops"
     inner: str = "inductor"
     debug_dir: str | None = None  # debug dump folder; None: $RUNLORA_DEBUG_DIR; "": no dump
     cache_dir: str | None = None  # measurement cache; None: $RUNLORA_CACHE_DIR or the user's

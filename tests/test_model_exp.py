@@ -139,7 +139,7 @@ def cli(monkeypatch):
         (["--target_modules"], "--target_modules: expected at least one argument"),
         (["--target_modules", ""], "--target_modules is empty"),
         (["--target_modules", "qproj"], "--target_modules qproj match no module"),
-        (["--criterions", "speed"], "unknown criterion 'speed'; valid: priced, flops"),
+        (["--criterions", "speed"], "unknown criterion 'speed'; valid: flops, priced"),
         (["--variants", "peft", "turbo"], "unknown variant 'turbo'; valid: peft, peft+inductor"),
         (["--variants", "runlora:speed"], "unknown criterion 'speed' in variant 'runlora:speed'"),
         (["-d", "1.5"], "--lora_dropout must be in [0, 1), got 1.5"),
@@ -211,8 +211,8 @@ def test_no_arguments_run_the_cpu_default_job(cli):
     args = called.value.args[0]
     assert Path(args.model_name_or_config).name == "llama_20m.json"
     assert (args.n_batch, args.seq_len, args.lora_r, args.dtype) == (4, 256, 8, "fp32")
-    assert args.target_modules == TARGETS and args.criterions == ["priced"]  # the backend's
-    assert args.variants == ["peft", "peft+inductor", "runlora:priced", "floor"]
+    assert args.target_modules == TARGETS and args.criterions == ["flops"]  # the backend's
+    assert args.variants == VARIANTS
     assert args.min_run_time == 60
     assert args.out.endswith("llama_20m_b4_s256_r8_fp32")
     assert args.adapter_dtype == "fp32" and args.runlora_options == {}

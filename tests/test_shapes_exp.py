@@ -136,7 +136,7 @@ def test_only_selects_by_pattern_and_the_dry_run_prints_commands(shapes, capsys)
         (["--configs", "absent.json"], "--configs absent.json: no such file"),
         # model_exp's own checks, named by the first point they fail at
         (["--criterions", "speed"],
-         "point llama3.2-1b_N512_r16_p0: unknown criterion 'speed'; valid: priced, flops"),
+         "point llama3.2-1b_N512_r16_p0: unknown criterion 'speed'; valid: flops"),
         (["--options", '{"inner": "eager"}'],
          "point llama3.2-1b_N512_r16_p0: --options sets 'inner': use --inner instead"),
         (["--variants", "peft+inductor", "turbo"], "unknown variant 'turbo'"),
@@ -179,13 +179,13 @@ def test_a_tiny_point_end_to_end_writes_the_summary(tmp_path):
     assert markdown.startswith("# Shape matrix: fp32 on CPU")
     assert "bf16 GEMMs" in markdown and "1 of 1 points measured" in markdown
     assert "| point | layers | N | r | p | variant | floor | runlora (p25–p75) |" in markdown
-    assert "| tiny_qwen_N16_r4_p0.05 | 1 | 1×16 | 4 | 0.05 | priced |" in markdown
+    assert "| tiny_qwen_N16_r4_p0.05 | 1 | 1×16 | 4 | 0.05 | flops |" in markdown
     with (out / "shapes_summary.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 1
     row = rows[0]
     assert (row["status"], row["variant"], row["dtype"], row["rounds"]) == (
-        "ok", "runlora:priced", "fp32", "2")
+        "ok", "runlora:flops", "fp32", "2")
     for key in ("floor_ratio", "ratio", "compile_s_peft_inductor", "compile_s_variant",
                 "saved_mb_peft_inductor", "saved_mb_variant", "saved_mb_floor"):
         assert float(row[key]) > 0, key

@@ -31,11 +31,6 @@ CandidateKey = Callable[[Candidate], SortKey]
 
 # the names are options.CRITERION_NAMES (backend.py checks that they agree)
 CRITERIA: dict[str, CandidateKey] = {
-    # the default: fastest by the roofline's formula on a fixed device model of the site's
-    # device kind (roofline.NOMINAL) — every FLOP, byte moved, GEMM call and random draw priced,
-    # so a per-step copy of a large W into a GEMM stack costs what it moves; no measurement,
-    # the same choice on every run; ties go to less saved memory
-    "priced": lambda c: (c.seconds, c.cost.saved_bytes),  # type: ignore[dict-item]
     # fewest FLOPs; ties go to fewer GEMM calls (each costs more than its FLOPs on a CPU),
     # then fewer random draws (a draw costs far more than a byte: a dense dropout mask is
     # slower than the r-wide GEMM that reads it, docs/design.md, "Sparse dropout"), then fewer
@@ -43,6 +38,11 @@ CRITERIA: dict[str, CandidateKey] = {
     # but moves ~10% more bytes), then to less saved memory
     "flops": lambda c: (c.cost.flops, c.cost.gemms, c.cost.draws, c.cost.bytes_moved,
                         c.cost.saved_bytes),
+    # fastest by the roofline's formula on a fixed device model of the site's
+    # device kind (roofline.NOMINAL) — every FLOP, byte moved, GEMM call and random draw priced,
+    # so a per-step copy of a large W into a GEMM stack costs what it moves; no measurement,
+    # the same choice on every run; ties go to less saved memory
+    "priced": lambda c: (c.seconds, c.cost.saved_bytes),  # type: ignore[dict-item]
     # least saved-for-backward memory; ties go to fewer FLOPs
     "memory": lambda c: (c.cost.saved_bytes, c.cost.flops, c.cost.gemms, c.cost.draws,
                          c.cost.bytes_moved),
