@@ -2,7 +2,8 @@
 `runlora_fx.passes`; and its layers as folders, imports going one way only:
 
     ir (plans and what runs them)  <  cost, passes  <  choice (the choose stage)
-    <  report  <  the top (backend.py, options.py, explainer.py, coverage.py, weight_guard.py)
+    <  report  <  the top (backend.py, options.py, explainer.py, coverage.py, weight_guard.py,
+                           compile_model.py)
 
 A module imports only its own layer or lower ones (cost and passes not each other), so `ir`
 imports nothing above it and `report` is imported only by the top; there is no import circle.
@@ -25,9 +26,10 @@ from packaging.requirements import Requirement
 REPO = Path(__file__).resolve().parent.parent
 LAYERS = ("ir", "cost", "passes", "choice", "report")  # the folders
 RANK = {"ir": 0, "cost": 1, "passes": 1, "choice": 2, "report": 3, "top": 4}
-# the stages' driver, explain(), the model's accounting, the weight guard and the options
+# the stages' driver, explain(), the model's accounting, the weight guard, the options and
+# runlora_fx.compile
 TOP = {"runlora_fx", "runlora_fx.backend", "runlora_fx.explainer", "runlora_fx.coverage",
-       "runlora_fx.weight_guard", "runlora_fx.options"}
+       "runlora_fx.weight_guard", "runlora_fx.options", "runlora_fx.compile_model"}
 
 
 def _modules() -> dict[str, Path]:
