@@ -4,6 +4,7 @@ equivalent contraction order, then hands the graph to Inductor."""
 from runlora_fx.backend import Backend, runlora
 from runlora_fx.choice.chooser import Chooser
 from runlora_fx.choice.criteria import CRITERIA, Candidate, Decision, choose
+from runlora_fx.compile_model import compile
 from runlora_fx.cost.cost import Cost, cost_of
 from runlora_fx.explainer import Explanation, explain
 from runlora_fx.ir.merge_check import MergeCheck
@@ -38,6 +39,7 @@ __all__ = [
     "SkippedSite",
     "StaleMergeCheck",
     "choose",
+    "compile",
     "cost_of",
     "explain",
     "parse_options",

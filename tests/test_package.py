@@ -3,7 +3,11 @@
 
     ir (plans and what runs them)  <  cost, passes  <  choice (the choose stage)
     <  report  <  the top (backend.py, options.py, explainer.py, coverage.py, weight_guard.py,
+<<<<<<< HEAD
     stack_refresh.py)
+=======
+                           compile_model.py)
+>>>>>>> issue-28
 
 A module imports only its own layer or lower ones (cost and passes not each other), so `ir`
 imports nothing above it and `report` is imported only by the top; there is no import circle.
@@ -27,9 +31,10 @@ REPO = Path(__file__).resolve().parent.parent
 LAYERS = ("ir", "cost", "passes", "choice", "report")  # the folders
 RANK = {"ir": 0, "cost": 1, "passes": 1, "choice": 2, "report": 3, "top": 4}
 # the stages' driver, explain(), the model's accounting, the weight guard, the persistent
-# stacks' refresh and the options
+# stacks' refresh, the options and runlora_fx.compile
 TOP = {"runlora_fx", "runlora_fx.backend", "runlora_fx.explainer", "runlora_fx.coverage",
-       "runlora_fx.weight_guard", "runlora_fx.stack_refresh", "runlora_fx.options"}
+       "runlora_fx.weight_guard", "runlora_fx.stack_refresh", "runlora_fx.options",
+       "runlora_fx.compile_model"}
 
 
 def _modules() -> dict[str, Path]:

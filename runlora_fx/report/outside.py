@@ -23,9 +23,9 @@ CHECKPOINT_DOC = "docs/lora-forms.md#gradient-checkpointing"
 OUTSIDE_DOC = "docs/lora-forms.md#lora-outside-every-compiled-graph"
 REMEDY_CONFIG = "skip_fwd_side_effects_in_bwd_under_checkpoint"
 CHECKPOINT_REMEDY = (
-    "set model.config.use_cache = False and "
-    f"torch._dynamo.config.{REMEDY_CONFIG} = True "
-    "(transformers >= 5.25 with gradient checkpointing needs both)"
+    "compile with runlora_fx.compile(model), which allows that side effect during the model's "
+    f"own calls, or set torch._dynamo.config.{REMEDY_CONFIG} = True (transformers >= 5.25 with "
+    "gradient checkpointing; model.config.use_cache = False spares a graph break too)"
 )
 DORA_BREAK = (
     "peft's DoRA forward graph-breaks in every LoRA module at dequantize_module_weight "
