@@ -3,11 +3,7 @@
 
     ir (plans and what runs them)  <  cost, passes  <  choice (the choose stage)
     <  report  <  the top (backend.py, options.py, explainer.py, coverage.py, weight_guard.py,
-<<<<<<< HEAD
-    stack_refresh.py)
-=======
-                           compile_model.py)
->>>>>>> issue-28
+    stack_refresh.py, compile_model.py)
 
 A module imports only its own layer or lower ones (cost and passes not each other), so `ir`
 imports nothing above it and `report` is imported only by the top; there is no import circle.
