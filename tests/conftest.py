@@ -18,6 +18,9 @@ ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 def pytest_configure(config):
     """Under pytest-xdist each worker gets one torch thread: two workers share two cores."""
+    config.addinivalue_line(
+        "markers", "rounding: its verdict depends on how this CPU rounds 16-bit products "
+        "(`make test` runs these again on the AVX2 code paths)")
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
 

@@ -27,6 +27,8 @@ sys.path.insert(0, str(EXPERIMENTS))  # precision_plans imports as precision_exp
 exp = load_script(EXPERIMENTS / "precision_exp.py", "precision_exp")
 plans = load_script(EXPERIMENTS / "precision_plans.py", "precision_plans")
 
+pytestmark = pytest.mark.rounding  # `make test` runs these again on the AVX2 code paths
+
 FEATURES = {
     "merged-nearest": "runlora:merged-nearest",
     "merged-stochastic": "runlora:merged-stochastic",
@@ -83,13 +85,19 @@ def test_sparse_dropout_meets_the_rule_where_it_is_legal():
 
 
 def test_split_programs_are_pefts_own_path():
-    """runlora's PEFT-order program in the site's dtypes computes what PEFT computes."""
+    """runlora's PEFT-order program in the site's dtypes computes what PEFT computes: its
+    output, dA and dB errors are PEFT's, and dx's no larger (under autocast runlora's dx is
+    the more precise: 0.82–0.95× PEFT's on the AVX2 path). Each figure is an error norm over
+    a 4096×64 output or a 4×64 grad, so a ratio of them is steady across CPUs; dB is where a
+    plan that rounds h to 16 bits (PEFT keeps it in fp32) shows, by 200–1200×."""
     exp.VARIANTS.update(plans.VARIANTS)
     for row in exp.run_point(CORNERS[1], list(exp.KINDS.values()),
                              ["peft", "runlora:split"], 2.0, 0):
         if row["variant"] == "runlora:split":
-            assert row["out_err_ratio"] == pytest.approx(1.0, abs=1e-3)
-            assert row["dA_err_ratio"] == pytest.approx(1.0, abs=1e-2)
+            assert row["out_err_ratio"] == pytest.approx(1.0, abs=1e-3), row["kind"]
+            assert row["dA_err_ratio"] == pytest.approx(1.0, abs=1e-2), row["kind"]
+            assert row["dB_err_ratio"] == pytest.approx(1.0, abs=1e-2), row["kind"]
+            assert row["dx_err_ratio"] <= 1.0 + 1e-2, row["kind"]
 
 
 def _site(**dtypes) -> LoraSite:
