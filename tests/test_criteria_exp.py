@@ -19,10 +19,11 @@ import pytest
 import torch
 
 from conftest import load_script
+from runlora_fx.choice.criteria import CRITERIA as CRITERIA_BY_NAME
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "experiments" / "criteria_exp.py"
-CRITERIA = ["flops", "memory", "roofline", "time"]
+CRITERIA = list(CRITERIA_BY_NAME)
 # the eager-PEFT baseline and the truth measured again (the noise ceiling) come with the criteria
 NAMES = [*CRITERIA, "reference", "truth-again"]
 QUICK_POINTS = 4

@@ -94,7 +94,7 @@ def test_backend_string_works_in_a_fresh_process_without_import():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"criterion": "fastest"}, "criterion='fastest' is not valid; choose one of flops, memory"),
+        ({"criterion": "fastest"}, "criterion='fastest' is not valid; choose one of flops, priced, memory"),
         ({"inner": "cuda"}, "inner='cuda' is not valid; choose one of inductor, eager"),
         ({"criterium": "flops"}, "unknown option(s) 'criterium'; valid options are"),
     ],
