@@ -5,11 +5,11 @@
 #
 #   experiments/gpu_check.sh OUT_DIR          # run from the repository root
 #
-#   llama_60m  b=64 r=8   s=1024  peft, runlora:flops, peft+inductor, floor
-#   llama_60m  b=64 r=8   s=1024  lora_dropout 0.05: runlora:flops, peft+inductor (sparse
+#   llama_60m  b=64 r=8   s=1024  peft, runlora (default criterion), peft+inductor, floor
+#   llama_60m  b=64 r=8   s=1024  lora_dropout 0.05: runlora, peft+inductor (sparse
 #                                 dropout; its table gives the peak memory)
-#   llama_250m b=58 r=128 s=1024  peft, runlora:flops, peft+inductor
-#   llama_1.3b b=24 r=512 s=1024  peft, runlora:flops, peft+inductor
+#   llama_250m b=58 r=128 s=1024  peft, runlora, peft+inductor
+#   llama_1.3b b=24 r=512 s=1024  peft, runlora, peft+inductor
 #   shapes                        experiments/shapes_exp.py: one decoder layer of Llama-3.2-1B,
 #                                 Qwen2.5-0.5B, Llama-3-8B; b=4 s=512 and s=2048 (8B: s=512),
 #                                 r=16, p 0 and 0.05; peft+inductor, runlora, floor; 3 s of rounds
@@ -24,7 +24,7 @@
 # (about two minutes more), GPU_CHECK_BUDGET_S to change the 540 s budget, GPU_CHECK_RUNS to run
 # only some configurations (names as below, e.g. "llama_60m_b64_r8" or "shapes"; the budget is then
 # shared among those alone), GPU_CHECK_VARIANTS to replace the variants of every run (e.g.
-# "peft+inductor runlora:flops" for the paired ratio alone, on a short lease) and GPU_CHECK_SHAPES
+# "peft+inductor runlora" for the paired ratio alone, on a short lease) and GPU_CHECK_SHAPES
 # to run only some points of the matrix (shapes_exp's --only patterns, e.g. "llama3.2-1b_*").
 #
 # Writes to OUT_DIR (few files, so that a remote runner brings all of them back; the committed
@@ -47,7 +47,7 @@ OUT=${1:?usage: experiments/gpu_check.sh OUT_DIR (run from the repository root)}
 BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
 MIN_RUN_TIME=${GPU_CHECK_MIN_RUN_TIME:-10}
 TARGETS="q_proj v_proj k_proj o_proj up_proj down_proj gate_proj"
-LARGE_VARIANTS="peft runlora:flops peft+inductor"
+LARGE_VARIANTS="peft runlora peft+inductor"
 [[ ${GPU_CHECK_FLOOR:-0} == 1 ]] && LARGE_VARIANTS="$LARGE_VARIANTS floor"
 ONLY=${GPU_CHECK_RUNS:-}
 
@@ -58,8 +58,8 @@ fi
 
 # name | share of the budget, % | arguments (of model_exp.py; of shapes_exp.py for "shapes")
 ALL_RUNS=(
-  "llama_60m_b64_r8|15|-m configs/llama_60m.json --n_batch 64 -r 8 --variants ${GPU_CHECK_VARIANTS:-peft runlora:flops peft+inductor floor}"
-  "llama_60m_b64_r8_d005|12|-m configs/llama_60m.json --n_batch 64 -r 8 -d 0.05 --variants ${GPU_CHECK_VARIANTS:-runlora:flops peft+inductor}"
+  "llama_60m_b64_r8|15|-m configs/llama_60m.json --n_batch 64 -r 8 --variants ${GPU_CHECK_VARIANTS:-peft runlora peft+inductor floor}"
+  "llama_60m_b64_r8_d005|12|-m configs/llama_60m.json --n_batch 64 -r 8 -d 0.05 --variants ${GPU_CHECK_VARIANTS:-runlora peft+inductor}"
   "llama_250m_b58_r128|15|-m configs/llama_250m.json --n_batch 58 -r 128 --variants ${GPU_CHECK_VARIANTS:-$LARGE_VARIANTS}"
   "llama_1.3b_b24_r512|20|-m configs/llama_1.3b.json --n_batch 24 -r 512 --variants ${GPU_CHECK_VARIANTS:-$LARGE_VARIANTS}"
   "shapes|38|--dtype bf16 --n_batch 4 --seq_lens 512 2048 --ranks 16 --dropouts 0 0.05 --min_rounds 8 --min_run_time 3 --variants ${GPU_CHECK_VARIANTS:-peft+inductor runlora floor}${GPU_CHECK_SHAPES:+ --only $GPU_CHECK_SHAPES}"
@@ -148,7 +148,7 @@ for run in "${RUNS[@]}"; do
   fi
   # shellcheck disable=SC2086  # word splitting of $args and $TARGETS is intended
   if timeout --kill-after=10 "$limit" "$PY" experiments/model_exp.py $args \
-      --dtype bf16 --seq_len 1024 --target_modules $TARGETS --criterions flops \
+      --dtype bf16 --seq_len 1024 --target_modules $TARGETS \
       --min_run_time "$MIN_RUN_TIME" --min_rounds 5 --device cuda --time_limit $((limit - 30)) \
       -o "$WORK/$name" >"$WORK/$name.log" 2>&1; then
     cat "$WORK/$name.md" >>"$WORK/tables.md"

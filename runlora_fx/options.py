@@ -18,7 +18,7 @@ STRICT_ENV = "RUNLORA_STRICT"
 
 @dataclass(frozen=True)
 class Options:
-    criterion: str = "flops"
+    criterion: str = "priced"
     inner: str = "inductor"
     debug_dir: str | None = None  # debug dump folder; None: $RUNLORA_DEBUG_DIR; "": no dump
     cache_dir: str | None = None  # measurement cache; None: $RUNLORA_CACHE_DIR or the user's

@@ -33,7 +33,7 @@ TOL = 1e-5
 BATCH, SEQ = 2, 40  # N = 80 > d/2: merged plans that recompute h, so the tags are exercised
 # GEMM sharing off: the flops criterion then recomputes h (with it, h comes out of the merged
 # forward's GEMM and is saved), so these tests exercise the recompute tags inside bodies
-OPTIONS = {"fusions": False}
+OPTIONS = {"fusions": False, "criterion": "flops"}
 
 
 class SubgraphPipeline(runlora_fx.Backend):

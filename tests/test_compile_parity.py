@@ -83,7 +83,8 @@ def test_dropout_sites_merge_only_with_sparse_dropout():
     """With the graph's dropout the branch reads D(x), so nothing merges; a plan that draws
     its own positions reads x and corrects at them, so merging is open to it."""
     for dropout, mode in ((0.0, "auto"), (0.2, "graph"), (0.2, "sparse")):
-        backend = runlora_fx.Backend({"inner": "eager", "dropout": mode})
+        # flops: these shapes (N 64, d 16) merge under it; the test is about what may merge
+        backend = runlora_fx.Backend({"inner": "eager", "dropout": mode, "criterion": "flops"})
         model = torch.compile(peft_two_linears(dropout=dropout), backend=backend)
         step(model, torch.randn(4, 16, 16, requires_grad=True))
         plans = [d.chosen.plan for d in backend.reports[0].decisions]

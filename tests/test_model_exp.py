@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from conftest import load_script
+from runlora_fx.options import Options
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "experiments" / "model_exp.py"
@@ -211,7 +212,7 @@ def test_no_arguments_run_the_cpu_default_job(cli):
     args = called.value.args[0]
     assert Path(args.model_name_or_config).name == "llama_20m.json"
     assert (args.n_batch, args.seq_len, args.lora_r, args.dtype) == (4, 256, 8, "fp32")
-    assert args.target_modules == TARGETS and args.criterions == ["flops"]  # the backend's
+    assert args.target_modules == TARGETS and args.criterions == [Options().criterion]
     assert args.variants == VARIANTS
     assert args.min_run_time == 60
     assert args.out.endswith("llama_20m_b4_s256_r8_fp32")

@@ -12,6 +12,8 @@ from runlora_fx.ir.plans import Forward, Hidden, InputGrad, reference_plan
 from runlora_fx.cost.partitioned import graph_flops, saved_activation_bytes, saved_tensors
 
 BATCH, SEQ = 2, 40  # N = 80 tokens > d/2: merging is cheaper
+# the flops criterion without GEMM sharing: its picks here are the plans these tests check
+OPTIONS = {"inner": "eager", "fusions": False, "criterion": "flops"}
 
 
 def llama_step(model, ids):
@@ -28,7 +30,7 @@ def compiled_step(backend, model, ids):
 def test_saved_set_follows_the_chosen_plans():
     model = peft_llama(layers=2)
     ids = torch.randint(0, 128, (BATCH, SEQ))
-    report = compiled_step(runlora_fx.Backend({"inner": "eager", "fusions": False}), model, ids)
+    report = compiled_step(runlora_fx.Backend(OPTIONS), model, ids)
     assert len(report.decisions) == 14 and not report.skipped
     saved = [t for t in saved_tensors(report.forward, report.backward, report.parameter_inputs)
              if not t.is_parameter]
@@ -52,7 +54,7 @@ def test_split_plans_save_h_when_they_say_so():
     model = peft_llama(layers=1, lora_dropout=0.1)  # dropout: split, and h saved by "flops"
     ids = torch.randint(0, 128, (BATCH, SEQ))
     with torch._inductor.config.patch(fallback_random=True):
-        report = compiled_step(runlora_fx.Backend({"inner": "eager", "fusions": False}), model, ids)
+        report = compiled_step(runlora_fx.Backend(OPTIONS), model, ids)
     saved = saved_tensors(report.forward, report.backward, report.parameter_inputs)
     saving_h = [d for d in report.decisions if d.chosen.plan.hidden is Hidden.SAVE]
     assert len(saving_h) == 7
@@ -63,7 +65,7 @@ def test_step_flops_fall_by_the_analytic_saving_and_memory_falls():
     model = peft_llama(layers=2)
     ids = torch.randint(0, 128, (BATCH, SEQ))
     ours, plain, eager = twin(model), twin(model), model
-    backend, plain_backend = runlora_fx.Backend({"inner": "eager", "fusions": False}), PlainCompile()
+    backend, plain_backend = runlora_fx.Backend(OPTIONS), PlainCompile()
     ours_c = torch.compile(ours, backend=backend)
     plain_c = torch.compile(plain, backend=plain_backend)
     llama_step(ours_c, ids)  # one step: compiles and records the partitioned graphs

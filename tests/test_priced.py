@@ -10,10 +10,16 @@ from __future__ import annotations
 
 import math
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from runlora_fx import Chooser
+from conftest import ALL_TARGETS
+from runlora_fx import Backend, Chooser
 from runlora_fx.choice.criteria import choose, counted_candidates, priced
 from runlora_fx.cost.cost import cost_of, costs_at_0_and_1
 from runlora_fx.cost.roofline import NOMINAL, nominal_model, plan_seconds
@@ -21,6 +27,10 @@ from runlora_fx.ir.plans import plans_for, sharing_across
 from runlora_fx.ir.program import metas_of, program_for
 from runlora_fx.ir.site import Adapter, LoraSite, SiteGroup
 from runlora_fx.options import parse_options
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+COPIES = {torch.ops.aten.cat.default, torch.ops.aten.clone.default, torch.ops.aten.copy.default,
+          torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default}
 
 
 def site(path: str, n: int, d_in: int, d_out: int, r: int = 16, p: float = 0.0,
@@ -43,10 +53,38 @@ def copies_a_weight(plan, unit: SiteGroup) -> bool:
                for step in (*program.forward, *program.backward))
 
 
-def test_priced_is_an_option_and_flops_stays_the_default():
-    """The default moves to "priced" once the shape matrix has measured it (issue 25)."""
-    assert parse_options({"criterion": "priced"}).criterion == "priced"
-    assert parse_options(None).criterion == "flops"
+def test_priced_is_the_default_and_flops_stays_by_name():
+    """The shape matrix (docs/benchmarks.md) decided the default (issue 25)."""
+    assert parse_options(None).criterion == "priced"
+    assert parse_options({"criterion": "flops"}).criterion == "flops"
+
+
+@pytest.mark.parametrize("p", [0.0, 0.05])
+def test_the_default_step_copies_no_frozen_weight_at_real_width(p):
+    """On the partitioned graphs of a Llama-3.2-1B-wide layer (h 2048, i 8192, 8 KV heads;
+    256 tokens), default options: no cat or copy as large as the smallest frozen W runs in the
+    step. Under "flops" the same step stacks [W; A] and [W | s·B] with a cat each step."""
+    config = LlamaConfig(**json.loads((CONFIGS / "llama3.2_1b_1layer.json").read_text()))
+    torch.manual_seed(0)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=p, target_modules=ALL_TARGETS)
+    model = get_peft_model(LlamaForCausalLM(config), lora)
+    ids = torch.randint(0, config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0))
+    smallest_w = config.hidden_size * config.num_key_value_heads * config.head_dim
+    copies = {}
+    for criterion in ("default", "flops"):
+        options = {"inner": "eager"} | ({} if criterion == "default" else {"criterion": criterion})
+        backend = Backend(options)
+        torch.compile(model, backend=backend)(input_ids=ids, labels=ids).loss.backward()
+        [report] = backend.reports
+        assert sum(len(d.sites) for d in report.decisions) == 7 and not report.skipped
+        copies[criterion] = [
+            f"{part}: {node.target} {tuple(node.meta['val'].shape)}"
+            for part, gm in (("forward", report.forward), ("backward", report.backward))
+            for node in gm.graph.nodes
+            if node.target in COPIES and node.meta["val"].numel() >= smallest_w]
+        torch._dynamo.reset()
+    assert not copies["default"], copies["default"]
+    assert copies["flops"]  # the control: the check sees the copies it is there to forbid
 
 
 @pytest.mark.parametrize("n", [512, 2048])

@@ -13,6 +13,7 @@ import pytest
 from transformers import AutoConfig
 
 from conftest import load_script
+from runlora_fx.options import Options
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "experiments" / "shapes_exp.py"
@@ -179,13 +180,14 @@ def test_a_tiny_point_end_to_end_writes_the_summary(tmp_path):
     assert markdown.startswith("# Shape matrix: fp32 on CPU")
     assert "bf16 GEMMs" in markdown and "1 of 1 points measured" in markdown
     assert "| point | layers | N | r | p | variant | floor | runlora (p25–p75) |" in markdown
-    assert "| tiny_qwen_N16_r4_p0.05 | 1 | 1×16 | 4 | 0.05 | flops |" in markdown
+    default = Options().criterion
+    assert f"| tiny_qwen_N16_r4_p0.05 | 1 | 1×16 | 4 | 0.05 | {default} |" in markdown
     with (out / "shapes_summary.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 1
     row = rows[0]
     assert (row["status"], row["variant"], row["dtype"], row["rounds"]) == (
-        "ok", "runlora:flops", "fp32", "2")
+        "ok", f"runlora:{default}", "fp32", "2")
     for key in ("floor_ratio", "ratio", "compile_s_peft_inductor", "compile_s_variant",
                 "saved_mb_peft_inductor", "saved_mb_variant", "saved_mb_floor"):
         assert float(row[key]) > 0, key

@@ -242,7 +242,14 @@ def _choices(unit: SiteGroup, rounding: Rounding, fusions: bool,
     linear = all(s.base is Base.LINEAR for s in members)
     dropouts = [None]
     if _has_dropout(members):
-        dropouts = [*Dropout] if sparse_dropout else [Dropout.GRAPH]
+        # where sparse dropout is legal it is the rule (option dropout, docs/lora-forms.md): it
+        # keeps no N×d mask and no dropped copy, so no criterion trades it for a GEMM call
+        if not sparse_dropout:
+            dropouts = [Dropout.GRAPH]
+        elif _sparse_reason(members) is None:
+            dropouts = [d for d in Dropout if d.is_sparse]
+        else:  # the sparse plans stay candidates, each with the reason it is illegal
+            dropouts = [*Dropout]
     x_readers = sum(_reads_x(s, sparse_dropout) for s in members)
     return {
         "forward": list(Forward) if linear else [Forward.SPLIT],
