@@ -75,6 +75,9 @@ COMPILE_LAYER_S = {"cpu": 15.0, "cuda": 5.0}
 # FX graph cache serves it and only Dynamo traces (a tiny floor here: 88 s cold, 13 s cached,
 # under a load of 9 on the 2 cores)
 CACHED_S = {"cpu": 5.0, "cuda": 3.0}
+# A point runs past its limit by its last round and its exit: 5–8 s a point on the CPU (the
+# first full matrix here left its 18th point out by 90 s for it), so each share leaves that out.
+OVERRUN_S = {"cpu": 10.0, "cuda": 5.0}
 FLOPS_PER_S = {"cpu": 9e10, "cuda": 2e14}
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -117,15 +120,28 @@ class Point:
     def name(self) -> str:
         return f"{self.shape.name}_N{self.tokens}_r{self.r}_p{self.p:g}"
 
-    def step_flops(self) -> float:
-        """Forward and input-grad GEMMs of the decoder layers and attention (LoRA's are small)."""
+    def _linears(self) -> list[tuple[int, int]]:
+        """(d_in, d_out) of a layer's 7 linears: q, k, v, o, gate, up, down."""
         c = self.shape.hf_config()
-        h, heads = c["hidden_size"], c["num_attention_heads"]
+        h, heads, i = c["hidden_size"], c["num_attention_heads"], c["intermediate_size"]
         head_dim = c.get("head_dim") or h // heads
         q, kv = heads * head_dim, c["num_key_value_heads"] * head_dim
-        weights = h * (2 * q + 2 * kv) + 3 * h * c["intermediate_size"]
+        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+    def step_flops(self) -> float:
+        """Forward and input-grad GEMMs of the decoder layers and attention: the floor's step."""
+        c = self.shape.hf_config()
+        q = self._linears()[0][1]
+        weights = sum(d_in * d_out for d_in, d_out in self._linears())
         attention = 6 * self.tokens * self.seq_len * q  # causal QKᵀ and PV, fwd and bwd
         return c["num_hidden_layers"] * (4 * self.tokens * weights + attention)
+
+    def lora_flops(self) -> float:
+        """The FLOPs of the LoRA GEMMs a step cannot do without (all 7 targets): x·Aᵀ and h·Bᵀ
+        forward, dB, dh, dA and dh·A backward, 6·N·r·(d_in + d_out) a site. Merging or sharing
+        a GEMM saves calls and bytes, not these FLOPs (merging adds a d_out×d_in product)."""
+        sides = sum(d_in + d_out for d_in, d_out in self._linears())
+        return self.shape.layers * 6 * self.tokens * self.r * sides
 
 
 def matrix(shapes: Sequence[Shape], n_batch: int, seq_lens: Sequence[int], ranks: Sequence[int],
@@ -340,7 +356,8 @@ def run(args: argparse.Namespace, on_point: Callable[[list[Outcome]], None]) -> 
         if left < estimate:
             outcomes.append(Outcome(point, "not run: budget spent"))
             continue
-        limit = max(left * estimate / rest, estimate)
+        overrun = OVERRUN_S[torch.device(args.device).type] * (count - i)
+        limit = max((left - overrun) * estimate / rest, estimate)
         # the rounds fill each share: the rest takes the budget left, or the estimates if longer
         print(f"[{i + 1}/{count}] {point.name}: limit {limit:.0f} s (estimate {estimate:.0f} s); "
               f"elapsed {minutes(time.perf_counter() - STARTED)}, about "
