@@ -18,6 +18,13 @@ reproduce, and a backward may redraw them instead of keeping them.
 A buffer holds the sorted positions, padded with the last of them (or 0 when none), and the
 count in its last slot; the products below weigh the padding by 0, and zeroing twice is
 harmless, so padding contributes nothing.
+
+Off the CPU (`device_buffer`) nothing is read back on the host: no seed, no count, no loop
+over batches. The gaps are the capacity's worth plus one, from counter-based uniforms of the
+seed tensor (counter_random.py), and the positions past the end are padding. A draw that holds
+more positions than the capacity cannot be drawn again without reading its count, so there it
+keeps the first `slots` of them: the masks' law then differs from Bernoulli(p) by at most the
+overflow's probability in total variation, ≤ e⁻⁴⁹ ≈ 5e-22, below the float64 rounding of p.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import math
 import torch
 from torch import Tensor
 
+from runlora_fx.ir import counter_random
 from runlora_fx.ir import dropout_kernels as kernels
 
 FIRST_BATCH_SDS = 4.0  # gaps drawn at once: mean + 4 sd, so a second batch is rare (~3e-5)
@@ -130,6 +138,20 @@ def fill_buffer(generator: torch.Generator, numel: int, p: float, slots: int, ba
             return _buffer_of(positions, numel, slots)
 
 
+def device_buffer(seed: Tensor, numel: int, p: float, slots: int) -> Tensor:
+    """The buffer for `seed` (0-d int64, on the device) in device ops only, with static shapes:
+    slots + 1 Geometric(p) gaps from the seed's counter-based uniforms, the positions past
+    `numel` turned into padding, and the count, all without a host read (see above)."""
+    u = counter_random.uniforms(seed, slots + 1)
+    gaps = u.neg_().log1p_().mul_(1.0 / math.log1p(-p)).long().add_(1)  # as _gaps, plus one
+    positions = gaps.cumsum(0).sub_(1).narrow(0, 0, slots)
+    inside = positions < numel  # a prefix: the positions increase
+    count = inside.sum()
+    last = positions.index_select(0, (count - 1).clamp(min=0).reshape(1)) * (count > 0)
+    buffer = torch.cat([torch.where(inside, positions, last), count.reshape(1)])
+    return buffer.to(position_dtype(numel))
+
+
 def wide_dtype(dtype: torch.dtype) -> torch.dtype:
     """What the products with S accumulate in: at least fp32."""
     return torch.promote_types(dtype, torch.float32)
@@ -163,11 +185,12 @@ def _native(*tensors: Tensor) -> ctypes.CDLL | None:
     return kernels.library() if kernels.usable(*tensors) else None
 
 
-def _unpack(buffer: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(flat positions, rows, columns, which slots hold a position) of a buffer."""
-    flat = buffer[:-1].long()
-    valid = torch.arange(flat.shape[0], device=buffer.device) < buffer[-1]
-    return flat, flat // width, flat % width, valid
+def _unpack(buffer: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(flat positions, rows, columns, which slots hold a position, the count) of a buffer."""
+    flat = buffer.narrow(0, 0, buffer.shape[0] - 1).long()
+    count = buffer.select(0, -1)
+    valid = torch.arange(flat.shape[0], device=buffer.device) < count
+    return flat, flat // width, flat % width, valid, count
 
 
 def _draw_seed(like: Tensor, name: str) -> Tensor:
@@ -177,19 +200,24 @@ def _draw_seed(like: Tensor, name: str) -> Tensor:
 
 def _dropped_positions(seed: Tensor, numel: int, p: float, slots: int,
                        device: torch.device) -> Tensor:
-    """The buffer for `seed` (a 0-d int64 tensor): a pure function of it."""
+    """The buffer for `seed` (a 0-d int64 tensor): a pure function of it. On the CPU reading
+    the seed costs nothing and the C loop draws; elsewhere the device draws (`device_buffer`)."""
+    if device.type != "cpu":
+        return device_buffer(seed, numel, p, slots)  # the seed lives on `device`
     generator = torch.Generator(device=device).manual_seed(int(seed))
     return fill_buffer(generator, numel, p, slots, first_batch(numel, p), device)
 
 
-# The torch versions: the same math for any device and dtype (tests compare the two).
+# The torch versions: the same math for any device and dtype (tests compare the two). No value
+# is read on the host, and they index with take / put_ / index_select rather than [], which fake
+# CUDA tensors on a CPU-only torch cannot run (tests/test_dropout_device.py runs them so).
 
 def reference_s_times_at(x: Tensor, buffer: Tensor, a: Tensor) -> Tensor:
     """S·Aᵀ (N×r) for A (r×d): row i gets Σ over its dropped j of x[i, j]·A[:, j]."""
     wide = wide_dtype(x.dtype)
-    flat, rows, cols, valid = _unpack(buffer, x.shape[1])
-    terms = x[rows, cols].to(wide)[:, None] * a.t()[cols].to(wide)
-    terms = torch.where(valid[:, None], terms, 0)
+    flat, rows, cols, valid, _ = _unpack(buffer, x.shape[1])
+    terms = torch.take(x, flat).to(wide).unsqueeze(1) * a.index_select(1, cols).t().to(wide)
+    terms = torch.where(valid.unsqueeze(1), terms, 0)
     return torch.zeros(x.shape[0], a.shape[0], dtype=wide, device=x.device).index_add(
         0, rows, terms)
 
@@ -197,34 +225,33 @@ def reference_s_times_at(x: Tensor, buffer: Tensor, a: Tensor) -> Tensor:
 def reference_lt_times_s(left: Tensor, buffer: Tensor, x: Tensor) -> Tensor:
     """Lᵀ·S (k×d) for L (N×k): column j gets Σ over its dropped i of L[i, :]·x[i, j]."""
     wide = wide_dtype(x.dtype)
-    flat, rows, cols, valid = _unpack(buffer, x.shape[1])
-    terms = left[rows].to(wide) * x[rows, cols].to(wide)[:, None]
-    terms = torch.where(valid[:, None], terms, 0)
+    flat, rows, cols, valid, _ = _unpack(buffer, x.shape[1])
+    terms = left.index_select(0, rows).to(wide) * torch.take(x, flat).to(wide).unsqueeze(1)
+    terms = torch.where(valid.unsqueeze(1), terms, 0)
     return torch.zeros(x.shape[1], left.shape[1], dtype=wide, device=x.device).index_add(
-        0, cols, terms).t().contiguous()
+        0, cols, terms).t().clone(memory_format=torch.contiguous_format)
 
 
 def reference_zero_at_(z: Tensor, buffer: Tensor) -> None:
     """z with the dropped positions set to 0 (in place): the keep mask where it drops."""
-    _, rows, cols, _ = _unpack(buffer, z.shape[1])
+    flat, _, _, _, count = _unpack(buffer, z.shape[1])
     # padding repeats the last position, so it writes 0 there too; with none dropped it is
     # slot 0, which gets back what it holds
-    z.index_put_((rows, cols), torch.where(buffer[-1] > 0, 0, z[rows, cols]))
+    z.put_(flat, torch.where(count > 0, 0, torch.take(z, flat)))
 
 
 def reference_minus_dots_at_(dense: Tensor, buffer: Tensor, left: Tensor, a: Tensor,
                              factor: float) -> None:
     """dense −= factor·(L·A) at the dropped positions only (in place), for L (N×r), A (r×d):
     what dy·(W + (s/q)BA) gave a dropped element, factor·Σ_r dh[i, r]·A[r, j], taken back.
-    (Each position once: the padding adds 0 there.)"""
+    A padding slot repeats the last position and so computes its very correction: every write
+    to a position is the same value, whichever lands. With none dropped the padding is slot 0,
+    corrected by 0."""
     wide = wide_dtype(dense.dtype)
-    _, rows, cols, valid = _unpack(buffer, dense.shape[1])
-    dots = (left[rows].to(wide) * a.t()[cols].to(wide)).sum(1) * -factor
-    new = dense[rows, cols].to(wide) + torch.where(valid, dots, 0)
-    # a padding slot repeats the last position with its own 0 correction: write the valid one
-    order = torch.where(valid, 0, 1).argsort(stable=True)  # valid slots first, then padding
-    first = order[: int(buffer[-1])]
-    dense.index_put_((rows[first], cols[first]), new[first].to(dense.dtype))
+    flat, rows, cols, _, count = _unpack(buffer, dense.shape[1])
+    dots = (left.index_select(0, rows).to(wide) * a.index_select(1, cols).t().to(wide)).sum(1)
+    new = torch.take(dense, flat).to(wide) + torch.where(count > 0, dots * -factor, 0)
+    dense.put_(flat, new.to(dense.dtype))
 
 
 def _s_times_at(x: Tensor, buffer: Tensor, a: Tensor) -> Tensor:
@@ -258,9 +285,11 @@ def _minus_dots_at_(dense: Tensor, buffer: Tensor, left: Tensor, a: Tensor,
         reference_minus_dots_at_(dense, buffer, left, a, factor)
 
 
-for _name, _impl in (("draw_seed", _draw_seed), ("dropped_positions", _dropped_positions), ("s_times_at", _s_times_at),
-                     ("lt_times_s", _lt_times_s), ("zero_at_", _zero_at_),
-                     ("minus_dots_at_", _minus_dots_at_)):
+# each op's implementation by name (tests run them on fake CUDA tensors: no host read)
+IMPLS = {"draw_seed": _draw_seed, "dropped_positions": _dropped_positions,
+         "s_times_at": _s_times_at, "lt_times_s": _lt_times_s, "zero_at_": _zero_at_,
+         "minus_dots_at_": _minus_dots_at_}
+for _name, _impl in IMPLS.items():
     _OPS.impl(_name, _impl, "CompositeExplicitAutograd")
 
 
