@@ -63,7 +63,7 @@ def test_priced_is_the_default_and_flops_stays_by_name():
 def test_the_default_step_copies_no_frozen_weight_at_real_width(p):
     """On the partitioned graphs of a Llama-3.2-1B-wide layer (h 2048, i 8192, 8 KV heads;
     256 tokens), default options: no cat or copy as large as the smallest frozen W runs in the
-    step. Under "flops" the same step stacks [W; A] and [W | s·B] with a cat each step."""
+    step. Under "flops" the same step (p 0) stacks [W; A] and [W | s·B] with a cat each step."""
     config = LlamaConfig(**json.loads((CONFIGS / "llama3.2_1b_1layer.json").read_text()))
     torch.manual_seed(0)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=p, target_modules=ALL_TARGETS)
@@ -71,7 +71,7 @@ def test_the_default_step_copies_no_frozen_weight_at_real_width(p):
     ids = torch.randint(0, config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(0))
     smallest_w = config.hidden_size * config.num_key_value_heads * config.head_dim
     copies = {}
-    for criterion in ("default", "flops"):
+    for criterion in ("default", "flops") if p == 0 else ("default",):
         options = {"inner": "eager"} | ({} if criterion == "default" else {"criterion": criterion})
         backend = Backend(options)
         torch.compile(model, backend=backend)(input_ids=ids, labels=ids).loss.backward()
@@ -84,7 +84,8 @@ def test_the_default_step_copies_no_frozen_weight_at_real_width(p):
             if node.target in COPIES and node.meta["val"].numel() >= smallest_w]
         torch._dynamo.reset()
     assert not copies["default"], copies["default"]
-    assert copies["flops"]  # the control: the check sees the copies it is there to forbid
+    if "flops" in copies:  # the control: the check sees the copies it is there to forbid
+        assert copies["flops"]
 
 
 @pytest.mark.parametrize("n", [512, 2048])

@@ -31,8 +31,11 @@ from runlora_fx.ir.site import SiteGroup, dtype_name
 
 log = logging.getLogger("runlora_fx")
 
-# the plans per unit the "time" criterion measures: the roofline's fastest (plans_to_time)
+# the plans per unit the "time" criterion measures: the roofline's fastest (plans_to_time), and
+# only those it predicts within TIMED_WITHIN of its fastest: at real widths a plan predicted 30%
+# slower does not win, and timing it costs a fwd+bwd of a large layer per round
 TIMED_PER_UNIT = 6
+TIMED_WITHIN = 1.3
 
 
 def anonymous(unit: SiteGroup) -> SiteGroup:
@@ -154,8 +157,13 @@ class Chooser:
         of a unit (hundreds under dropout) costs minutes of compile."""
         cap = reference(unit).cost.saved_bytes
         eligible = [c.plan for c in counted if self.budgeted or c.cost.kept_bytes <= cap]
-        return sorted(eligible, key=lambda plan: plan_seconds(plan, unit, model))[
-            :TIMED_PER_UNIT]
+        predicted = sorted((plan_seconds(plan, unit, model), i, plan)
+                           for i, plan in enumerate(eligible))
+        if not predicted:
+            return []
+        fastest = predicted[0][0]
+        return [plan for seconds, _, plan in predicted[:TIMED_PER_UNIT]
+                if seconds <= TIMED_WITHIN * fastest]
 
     def timings(
         self, unit: SiteGroup, plans: Sequence[Plan], progress: str = ""

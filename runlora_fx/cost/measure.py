@@ -31,8 +31,17 @@ log = logging.getLogger("runlora_fx")
 BUDGET_S = 0.1
 MIN_ROUNDS = 3
 SESSIONS = 3  # sessions of fresh tensors; the median over them is a plan's time
+# ... while the sessions so far took less than this: a session of a large layer's plans takes
+# seconds and its placement effects are a smaller share of a longer step
+SESSIONS_BUDGET_S = 2.0
 MAX_ROUNDS = 200
 FINALIST_RATIO = 1.15  # plans this close to the fastest are timed again before choosing
+# A unit whose fastest warm-up step took longer than this (a real-width layer: 20–400 ms on the
+# CPU) is timed in SLOW_ROUNDS interleaved rounds and no finalist rounds: at 2048 wide a plan's
+# round costs as much as compiling a small graph, and the time criterion's whole measuring must
+# stay within about twice plain compile's (issue 25: ≤ 3× in all on a 2-layer 1B-wide model)
+SLOW_STEP_S = 0.02
+SLOW_ROUNDS = 2
 
 
 def unit_signature(unit: SiteGroup) -> dict[str, Any]:
@@ -93,15 +102,19 @@ def time_plans(
     min_rounds: int = MIN_ROUNDS,
     sessions: int = SESSIONS,
 ) -> dict[Plan, float]:
-    """Median seconds of one forward+backward per plan, over `sessions` sessions.
+    """Median seconds of one forward+backward per plan, over up to `sessions` sessions (the
+    first always; another while they took less than SESSIONS_BUDGET_S).
 
     Each session draws fresh input tensors: where they land in memory moves some plans' times
     by tens of percent on a CPU (measured: per-plan ratios 0.56–1.08 between two sessions), so
     one session's ranking is one draw of that; the median over sessions is the plan's time."""
     # the dropouts and seeds a timed step draws must not move the caller's random stream
+    started = time.perf_counter()
+    per_session: list[dict[Plan, float]] = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        per_session = [_session(unit, plans, device, budget_s, min_rounds)
-                       for _ in range(sessions)]
+        while len(per_session) < sessions and (
+                not per_session or time.perf_counter() - started < SESSIONS_BUDGET_S):
+            per_session.append(_session(unit, plans, device, budget_s, min_rounds))
     return {plan: statistics.median(s[plan] for s in per_session) for plan in plans}
 
 
@@ -137,10 +150,12 @@ def _session(
         synchronize(device)
         return time.perf_counter() - start
 
-    for plan in plans:  # warm-up: allocator, kernel selection, caches
-        step(plan)
+    warm = min(step(plan) for plan in plans)  # warm-up: allocator, kernel selection, caches
+    slow = warm > SLOW_STEP_S
     samples: dict[Plan, list[float]] = {plan: [] for plan in plans}
-    _rounds(plans, step, samples, budget_s, min_rounds)
+    _rounds(plans, step, samples, budget_s, SLOW_ROUNDS if slow else min_rounds)
+    if slow:  # a large layer's step: its rounds are long and steady, and each costs a lot
+        return {plan: statistics.median(times) for plan, times in samples.items()}
     # A burst of other load can make one plan look fast or slow in a few rounds; the plans that
     # came within FINALIST_RATIO of the best are timed again, so the pick rests on 3× the rounds.
     medians = {plan: statistics.median(times) for plan, times in samples.items()}
