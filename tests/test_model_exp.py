@@ -213,7 +213,7 @@ def test_no_arguments_run_the_cpu_default_job(cli):
     assert Path(args.model_name_or_config).name == "llama_20m.json"
     assert (args.n_batch, args.seq_len, args.lora_r, args.dtype) == (4, 256, 8, "fp32")
     assert args.target_modules == TARGETS and args.criterions == [Options().criterion]
-    assert args.variants == VARIANTS
+    assert args.variants == ["peft", "peft+inductor", f"runlora:{Options().criterion}", "floor"]
     assert args.min_run_time == 60
     assert args.out.endswith("llama_20m_b4_s256_r8_fp32")
     assert args.adapter_dtype == "fp32" and args.runlora_options == {}

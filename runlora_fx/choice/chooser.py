@@ -24,7 +24,7 @@ from runlora_fx.cost.cache import MeasurementCache
 from runlora_fx.cost.cost import AffineCost, Cost, costs_at_0_and_1
 from runlora_fx.cost.measure import time_plans, unit_signature
 from runlora_fx.cost.roofline import DeviceModel, device_model, plan_seconds
-from runlora_fx.ir.plans import Plan, plans_for
+from runlora_fx.ir.plans import Plan, plans_for, sparse_where_legal
 from runlora_fx.ir.program import Program, program_for
 from runlora_fx.ir.rounding import Rounding
 from runlora_fx.ir.site import SiteGroup, dtype_name
@@ -87,8 +87,8 @@ class Chooser:
         """Every legal plan of the unit, enumerated once per shape."""
         key = anonymous(unit.with_n(0))
         if key not in self._plans:
-            self._plans[key] = tuple(plans_for(unit, self.rounding, self.fusions,
-                                               self.sparse_dropout))
+            self._plans[key] = tuple(sparse_where_legal(
+                plans_for(unit, self.rounding, self.fusions, self.sparse_dropout), unit))
         return self._plans[key]
 
     def _costs_in_n(self, unit: SiteGroup, plans: Sequence[Plan]) -> list[tuple[Cost, Cost]]:

@@ -1,5 +1,6 @@
-"""Criteria and decisions: a criterion is a sort key over a candidate's counted cost and, for the
-"priced", "roofline" and "time" criteria, its predicted or measured seconds (opt_einsum-style registry).
+"""Criteria and decisions: a criterion is a sort key over a candidate's counted cost and, for
+the "priced", "roofline" and "time" criteria, its predicted or measured seconds (opt_einsum-style
+registry).
 
 `pick` is the choice among a unit's candidates, `choose` the whole choice for the counted
 criteria with no device and no cache; the backend chooses through a `Chooser` (chooser.py).
@@ -12,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from runlora_fx.cost.cost import AffineCost, Cost, cost_of
 from runlora_fx.cost.roofline import nominal_model, plan_seconds
-from runlora_fx.ir.plans import Plan, plans_for, reference_plan
+from runlora_fx.ir.plans import Plan, plans_for, reference_plan, sparse_where_legal
 from runlora_fx.ir.program import Program
 from runlora_fx.ir.rounding import Rounding
 from runlora_fx.ir.site import LoraSite, SiteGroup
@@ -91,8 +92,8 @@ def counted_candidates(
     unit: SiteGroup, rounding: Rounding = Rounding.NEAREST, fusions: bool = True,
     sparse_dropout: bool = True,
 ) -> tuple[Candidate, ...]:
-    return tuple(Candidate(plan, cost_of(plan, unit))
-                 for plan in plans_for(unit, rounding, fusions, sparse_dropout))
+    plans = sparse_where_legal(plans_for(unit, rounding, fusions, sparse_dropout), unit)
+    return tuple(Candidate(plan, cost_of(plan, unit)) for plan in plans)
 
 
 def priced(unit: SiteGroup, candidates: Sequence[Candidate],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 
 from runlora_fx.ir.sharing import SHARING, Sharing
@@ -233,6 +234,18 @@ def _sparse_reason(members: tuple[LoraSite, ...]) -> str | None:
     return None
 
 
+def sparse_where_legal(plans: Iterable[Plan], unit: SiteGroup) -> list[Plan]:
+    """The plans a criterion chooses from: where sparse dropout is legal at the unit it is the
+    rule (option dropout, docs/lora-forms.md), so the graph's-dropout plans go. They keep an
+    N×d mask and a dropped copy of x, which no criterion should trade for a GEMM call."""
+    plans = list(plans)
+    if not _has_dropout(unit.members) or _sparse_reason(unit.members) is not None:
+        return plans
+    if not any(plan.sparse_dropout for plan in plans):  # option dropout="graph"
+        return plans
+    return [plan for plan in plans if plan.sparse_dropout]
+
+
 def _choices(unit: SiteGroup, rounding: Rounding, fusions: bool,
              sparse_dropout: bool) -> dict[str, list]:
     """The values worth trying per Plan field: a choice the unit makes irrelevant gets one."""
@@ -242,14 +255,7 @@ def _choices(unit: SiteGroup, rounding: Rounding, fusions: bool,
     linear = all(s.base is Base.LINEAR for s in members)
     dropouts = [None]
     if _has_dropout(members):
-        # where sparse dropout is legal it is the rule (option dropout, docs/lora-forms.md): it
-        # keeps no N×d mask and no dropped copy, so no criterion trades it for a GEMM call
-        if not sparse_dropout:
-            dropouts = [Dropout.GRAPH]
-        elif _sparse_reason(members) is None:
-            dropouts = [d for d in Dropout if d.is_sparse]
-        else:  # the sparse plans stay candidates, each with the reason it is illegal
-            dropouts = [*Dropout]
+        dropouts = [*Dropout] if sparse_dropout else [Dropout.GRAPH]
     x_readers = sum(_reads_x(s, sparse_dropout) for s in members)
     return {
         "forward": list(Forward) if linear else [Forward.SPLIT],
