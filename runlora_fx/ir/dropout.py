@@ -7,24 +7,21 @@ positions only: p·N·d multiply-adds, no N×d mask drawn, applied or kept.
 
 The positions are drawn as cumulative Geometric(p) gaps over the flattened N·d indices — the
 gaps between successes of a Bernoulli(p) process are iid Geometric(p) — so a draw costs about
-p·N·d random numbers (float64 uniforms: p is honoured to ~1e-16 relative). They are kept
-in a buffer of static size (`capacity`: 1.05·p·N·d + 512 slots, then the count), so the
-compiled graph has static shapes. When a draw holds more positions than the capacity, it is
-drawn again, never truncated: the mask is then Bernoulli(p) conditioned on the count fitting,
-an event of probability ≥ 1 − e⁻⁴⁹ (Bernstein's bound; below the float64 resolution of p).
-The positions are a pure function of a seed drawn from torch's generator: seeded runs
-reproduce, and a backward may redraw them instead of keeping them.
+p·N·d random numbers: gap k is ⌊log(1 − u_k)/log(1 − p)⌋ + 1 with u_k the 53-bit uniform of
+counter k of a seed (counter_random.py: SplitMix64), so p is honoured to ~1e-16 relative and the
+draw is a pure function of the seed, the same steps on every device (`device_buffer` in torch
+ops; on the CPU one C loop, dropout_kernels.py). The seed is drawn from torch's generator:
+seeded runs reproduce, and a backward may redraw the positions instead of keeping them.
+
+They are kept in a buffer of static size (`capacity`: 1.05·p·N·d + 512 slots, then the count),
+so the compiled graph has static shapes, and nothing is read back on the host: no loop over
+batches, no redraw. A draw that holds more positions than the capacity keeps the first `slots`
+of them, so the masks' law differs from Bernoulli(p) by at most the overflow's probability in
+total variation: ≤ e⁻⁴⁹ ≈ 5e-22 (Bernstein's bound), below the float64 rounding of p.
 
 A buffer holds the sorted positions, padded with the last of them (or 0 when none), and the
 count in its last slot; the products below weigh the padding by 0, and zeroing twice is
 harmless, so padding contributes nothing.
-
-Off the CPU (`device_buffer`) nothing is read back on the host: no seed, no count, no loop
-over batches. The gaps are the capacity's worth plus one, from counter-based uniforms of the
-seed tensor (counter_random.py), and the positions past the end are padding. A draw that holds
-more positions than the capacity cannot be drawn again without reading its count, so there it
-keeps the first `slots` of them: the masks' law then differs from Bernoulli(p) by at most the
-overflow's probability in total variation, ≤ e⁻⁴⁹ ≈ 5e-22, below the float64 rounding of p.
 """
 
 from __future__ import annotations
@@ -38,7 +35,6 @@ from torch import Tensor
 from runlora_fx.ir import counter_random
 from runlora_fx.ir import dropout_kernels as kernels
 
-FIRST_BATCH_SDS = 4.0  # gaps drawn at once: mean + 4 sd, so a second batch is rare (~3e-5)
 SEED_HIGH = 2**62
 SLACK_NUM, SLACK_DEN, SLACK_ADD = 105, 100, 512  # capacity = 1.05·p·numel + 512 (see above)
 P_BITS = 30  # p in the capacity's integer arithmetic: a multiple of 2⁻³⁰, rounded up
@@ -68,82 +64,14 @@ def expected_count(numel: int, p: float) -> int:
     return round(numel * p)
 
 
-def first_batch(numel: int, p: float) -> int:
-    mean = numel * p
-    return int(mean + FIRST_BATCH_SDS * math.sqrt(mean * (1.0 - p))) + 16
-
-
-def _gaps(generator: torch.Generator, batch: int, p: float, device: torch.device) -> Tensor:
-    """`batch` Geometric(p) gaps minus one: ⌊log(1 − u)/log(1 − p)⌋, u ~ U[0, 1) in float64,
-    so P(gap > k) = (1 − p)^k."""
-    u = torch.rand(batch, dtype=torch.float64, device=device, generator=generator)
-    return u.neg_().log1p_().mul_(1.0 / math.log1p(-p)).long()
-
-
-def draw_positions(generator: torch.Generator, numel: int, p: float, batch: int,
-                   device: torch.device) -> Tensor:
-    """The sorted dropped positions of an iid Bernoulli(p) mask over `numel` indices. Gaps
-    come in batches of `batch`; a batch that ends before `numel` is followed by another."""
-    parts: list[Tensor] = []
-    last = -1
-    while last < numel - 1:  # the batch ends inside the range: the process goes on after it
-        positions = torch.cumsum(_gaps(generator, batch, p, device).add_(1), 0).add_(last)
-        parts.append(positions)
-        last = int(positions[-1])
-    positions = parts[0] if len(parts) == 1 else torch.cat(parts)
-    return positions[: int(torch.searchsorted(positions, numel))]
-
-
-def _buffer_of(positions: Tensor, numel: int, slots: int) -> Tensor:
-    count = positions.numel()
-    buffer = torch.zeros(slots + 1, dtype=position_dtype(numel), device=positions.device)
-    buffer[:count] = positions
-    if count:
-        buffer[count:slots] = positions[-1]
-    buffer[slots] = count
-    return buffer
-
-
-def _native_buffer(lib: ctypes.CDLL, generator: torch.Generator, numel: int, p: float,
-                   slots: int, batch: int) -> Tensor | None:
-    """The buffer filled by the C loop (None: the draw did not fit; draw again)."""
-    buffer = torch.empty(slots + 1, dtype=torch.int32)
-    count, last = 0, -1
-    while last < numel - 1:
-        count, last = kernels.fill_positions(lib, _gaps(generator, batch, p, buffer.device),
-                                             last, numel, buffer[:slots], count)
-        if count < 0:
-            return None
-    if count:
-        buffer[count:slots] = buffer[count - 1]
-    else:
-        buffer[:slots] = 0
-    buffer[slots] = count
-    return buffer
-
-
-def fill_buffer(generator: torch.Generator, numel: int, p: float, slots: int, batch: int,
-                device: torch.device) -> Tensor:
-    """`slots` positions (padded with the last) and their count: drawn again while they do not
-    fit, so a count is never truncated."""
-    lib = kernels.library() if device.type == "cpu" and numel < 2**31 else None
-    while True:
-        if lib is not None:
-            buffer = _native_buffer(lib, generator, numel, p, slots, batch)
-            if buffer is not None:
-                return buffer
-            continue
-        positions = draw_positions(generator, numel, p, batch, device)
-        if positions.numel() <= slots:
-            return _buffer_of(positions, numel, slots)
-
-
 def device_buffer(seed: Tensor, numel: int, p: float, slots: int) -> Tensor:
-    """The buffer for `seed` (0-d int64, on the device) in device ops only, with static shapes:
+    """The buffer for `seed` (0-d int64, on any device) in torch ops with static shapes:
     slots + 1 Geometric(p) gaps from the seed's counter-based uniforms, the positions past
     `numel` turned into padding, and the count, all without a host read (see above)."""
     u = counter_random.uniforms(seed, slots + 1)
-    gaps = u.neg_().log1p_().mul_(1.0 / math.log1p(-p)).long().add_(1)  # as _gaps, plus one
+    # 1 − u is exact in float64; a gap past the range ends it, so clamping one changes nothing
+    # (and keeps a tiny p's huge gaps inside int64)
+    gaps = (1 - u).log_().mul_(1.0 / math.log1p(-p)).clamp_(max=numel).long().add_(1)
     positions = gaps.cumsum(0).sub_(1).narrow(0, 0, slots)
     inside = positions < numel  # a prefix: the positions increase
     count = inside.sum()
@@ -202,10 +130,12 @@ def _dropped_positions(seed: Tensor, numel: int, p: float, slots: int,
                        device: torch.device) -> Tensor:
     """The buffer for `seed` (a 0-d int64 tensor): a pure function of it. On the CPU reading
     the seed costs nothing and the C loop draws; elsewhere the device draws (`device_buffer`)."""
-    if device.type != "cpu":
+    lib = kernels.library() if device.type == "cpu" and numel < 2**31 else None
+    if lib is None:
         return device_buffer(seed, numel, p, slots)  # the seed lives on `device`
-    generator = torch.Generator(device=device).manual_seed(int(seed))
-    return fill_buffer(generator, numel, p, slots, first_batch(numel, p), device)
+    buffer = torch.empty(slots + 1, dtype=torch.int32)
+    kernels.draw_positions(lib, int(seed), numel, p, buffer)
+    return buffer
 
 
 # The torch versions: the same math for any device and dtype (tests compare the two). No value
