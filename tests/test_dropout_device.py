@@ -12,12 +12,15 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import runlora_fx
 from runlora_fx.ir import counter_random
 from runlora_fx.ir import dropout as D
 from runlora_fx.ir.execute import run_steps
 from runlora_fx.ir.plans import illegal_reason, plans_for
 from runlora_fx.ir.program import program_for, program_operands
 from runlora_fx.ir.site import Adapter, LoraSite, SiteGroup
+
+from conftest import grads, peft_llama, twin
 
 CUDA = torch.device("cuda")
 
@@ -180,3 +183,106 @@ def test_every_sparse_dropout_plans_step_runs_on_cuda_without_a_host_read(fake_c
         for leaf, grad in program.grads:
             assert env[grad].shape == env[leaf].shape, (plan.describe(), leaf)
         assert program.grads, plan.describe()
+
+
+class RecordRunloraOps(TorchDispatchMode):
+    """Notes every runlora op dispatched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "runlora":
+            self.seen.add(func._opname)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("unit", _units(), ids=["fp32", "bf16-peft", "group"])
+def test_off_the_cpu_the_sparse_steps_are_torch_ops_inductor_can_fuse(unit):
+    """Only the seed stays an opaque op on CUDA: the draw and the products are traced into the
+    graph as aten ops (no host read: fake CUDA tensors), which Inductor lowers to its kernels."""
+    plan = next(plan for plan in plans_for(unit) if plan.sparse_dropout)
+    program = program_for(plan, unit)
+    record = RecordRunloraOps()
+    with FakeTensorMode(allow_non_fake_inputs=False), record:
+        env = {op.name: torch.randn(*op.shape, device=CUDA, dtype=op.dtype)
+               for op in program_operands(unit, program)}
+        placement = {name: (t.shape, t.device) for name, t in env.items()}
+        run_steps(program.forward, env, [2.0] * len(unit.members), "site", placement)
+        for name, out in zip(program.tangents, program.outputs):
+            env[name] = torch.ones_like(env[out])
+        run_steps(program.backward, env, [2.0] * len(unit.members), "site", placement)
+    assert record.seen == {"draw_seed"}, plan.describe()
+
+
+def _in_graph_steps(seed, x, a, left, dense, p):
+    """The off-CPU implementations (dropout.positions_op / product_ops of a CUDA device) of a
+    draw and every product, on whatever device the tensors are."""
+    cuda_positions, cuda_products = D.positions_op(CUDA), D.product_ops(CUDA)
+    numel = x.numel()
+    buffer = cuda_positions(seed, numel, p, D.capacity(numel, p), x.device)
+    zeroed, minus = dense.clone(), dense.clone()
+    cuda_products["zero_at"](zeroed, buffer)
+    cuda_products["minus_dots_at"](minus, buffer, left, a, 1.25)
+    return (buffer, cuda_products["s_times_at"](x, buffer, a),
+            cuda_products["lt_times_s"](left, buffer, x), zeroed, minus)
+
+
+def test_inductor_lowers_the_off_cpu_steps_and_they_equal_the_cpu_kernels():
+    """No GPU here, so Inductor's CPU backend compiles the very code a GPU's graph holds; its
+    results equal the CPU's opaque ops (the C loops) on the same seed. Inductor's CPU
+    vectorizer is off: torch 2.13's AVX2 code for int64 arange × constant corrupts the heap
+    (Triton, on a GPU, is not that code)."""
+    gen = torch.Generator().manual_seed(0)
+    n, d, r, p = 64, 48, 4, 0.1
+    x, dense = torch.randn(n, d, generator=gen), torch.randn(n, d, generator=gen)
+    a, left = torch.randn(r, d, generator=gen), torch.randn(n, r, generator=gen)
+    seed = torch.tensor(12_345)
+    with torch._inductor.config.patch({"cpp.simdlen": 1}):
+        compiled = torch.compile(_in_graph_steps, backend="inductor", fullgraph=True)
+        got = compiled(seed, x, a, left, dense, p)
+    cpu = D.product_ops(torch.device("cpu"))
+    buffer = D.positions_op(torch.device("cpu"))(seed, n * d, p, D.capacity(n * d, p),
+                                                 torch.device("cpu"))
+    zeroed, minus = dense.clone(), dense.clone()
+    cpu["zero_at"](zeroed, buffer)
+    cpu["minus_dots_at"](minus, buffer, left, a, 1.25)
+    want = (buffer, cpu["s_times_at"](x, buffer, a), cpu["lt_times_s"](left, buffer, x),
+            zeroed, minus)
+    assert torch.equal(got[0], want[0])
+    for g, w in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiled_step_with_the_off_cpu_steps_equals_the_one_with_the_cpu_ops(monkeypatch):
+    """The path a GPU takes — the draw and the products traced into the joint graph, the
+    in-place products functionalized, the graph partitioned (Inductor's lowering of these ops:
+    the test above) — run here by handing the CPU the off-CPU implementations: the same seeds
+    draw the same positions (one sampler), so loss and every gradient equal the step that runs
+    the C loops behind the opaque ops."""
+    model = peft_llama(layers=1, hidden=32, lora_dropout=0.1)
+    inputs = torch.randint(0, 128, (2, 12))
+
+    def step(m):
+        torch.manual_seed(5)
+        compiled = torch.compile(m, backend=runlora_fx.Backend({"inner": "eager"}))
+        loss = compiled(input_ids=inputs, labels=inputs).loss
+        loss.backward()
+        return loss.detach()
+
+    with_ops = twin(model)
+    want = step(with_ops)
+    torch._dynamo.reset()
+    positions_op, product_ops, traced = D.positions_op, D.product_ops, []
+    monkeypatch.setattr(D, "positions_op", lambda device: traced.append(device) or
+                        positions_op(CUDA))
+    monkeypatch.setattr(D, "product_ops", lambda device: product_ops(CUDA))
+    in_graph = twin(model)
+    got = step(in_graph)
+    assert traced  # the rewritten graph was traced with them
+    torch.testing.assert_close(got, want)
+    expected, actual = grads(with_ops), grads(in_graph)
+    assert expected.keys() == actual.keys() and expected
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-6)

@@ -26,6 +26,8 @@ harmless, so padding contributes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import ctypes
 import math
 
@@ -213,6 +215,29 @@ def _minus_dots_at_(dense: Tensor, buffer: Tensor, left: Tensor, a: Tensor,
         kernels.minus_dots_at_(lib, dense, buffer, int(buffer[-1]), left, a, factor)
     else:
         reference_minus_dots_at_(dense, buffer, left, a, factor)
+
+
+# Which implementation a step runs, by device. On the CPU the opaque ops (C loops). Off it the
+# torch versions themselves, traced into the graph: static shapes and no host read, so Inductor
+# lowers and fuses each into its own kernels (Triton on a GPU: the gathers, the scatter-add and
+# the draw's scan) instead of running a dozen eager torch ops inside an opaque call.
+PRODUCTS = ("s_times_at", "lt_times_s", "zero_at", "minus_dots_at")
+
+
+def positions_op(device: torch.device) -> Callable[..., Tensor]:
+    """The draw of the "positions" step: (seed, numel, p, slots, device) → buffer."""
+    if device.type == "cpu":
+        return dropped_positions
+    return lambda seed, numel, p, slots, _device: device_buffer(seed, numel, p, slots)
+
+
+def product_ops(device: torch.device) -> dict[str, Callable[..., Tensor | None]]:
+    """The products with S by step op name (steps.py's argument order)."""
+    if device.type == "cpu":
+        return {"s_times_at": s_times_at, "lt_times_s": lt_times_s, "zero_at": zero_at_,
+                "minus_dots_at": minus_dots_at_}
+    return {"s_times_at": reference_s_times_at, "lt_times_s": reference_lt_times_s,
+            "zero_at": reference_zero_at_, "minus_dots_at": reference_minus_dots_at_}
 
 
 # each op's implementation by name (tests run them on fake CUDA tensors: no host read)

@@ -35,9 +35,11 @@ def _apply(step: Step, env: dict[str, torch.Tensor], scales: Sequence[Scale],
     if step.op == "positions":  # reads its operand's shape and device only
         shape, device = operands[step.args[1]]
         numel = math.prod(shape)
-        return dropout.dropped_positions(env[step.args[0]], numel, step.p,
-                                         dropout.capacity(numel, step.p), device)
+        return dropout.positions_op(device)(env[step.args[0]], numel, step.p,
+                                            dropout.capacity(numel, step.p), device)
     args = [env[name] for name in step.args]
+    if step.op in dropout.PRODUCTS:
+        return _sparse_product(step, args)
     if step.op == "mm":
         a, b = (t.t() if flip else t for t, flip in zip(args, step.transpose))
         return torch.mm(a, b)
@@ -50,16 +52,6 @@ def _apply(step: Step, env: dict[str, torch.Tensor], scales: Sequence[Scale],
         return args[0] - args[1]
     if step.op == "seed":
         return dropout.draw_seed(args[0], f"{tag}/{step.out}")  # a name unique in the graph
-    if step.op == "s_times_at":
-        return dropout.s_times_at(*args)
-    if step.op == "lt_times_s":
-        return dropout.lt_times_s(*args)
-    if step.op == "zero_at":  # in place: the program hands it a fresh product no one reads
-        dropout.zero_at_(*args)
-        return args[0]
-    if step.op == "minus_dots_at":
-        dropout.minus_dots_at_(*args, step.factor)
-        return args[0]
     if step.op == "colsum":
         return args[0].sum(0)
     if step.op == "cast":
@@ -76,6 +68,18 @@ def _apply(step: Step, env: dict[str, torch.Tensor], scales: Sequence[Scale],
     if step.op == "copy":
         return args[0].clone(memory_format=torch.contiguous_format)
     raise AssertionError(f"unknown op {step.op}")
+
+
+def _sparse_product(step: Step, args: list[torch.Tensor]) -> torch.Tensor:
+    """A product with the dropped entries (dropout.py), by the ops of args[0]'s device."""
+    product = dropout.product_ops(args[0].device)[step.op]
+    if step.op == "minus_dots_at":
+        product(*args, step.factor)
+    elif step.op == "zero_at":
+        product(*args)
+    else:
+        return product(*args)
+    return args[0]  # in place: the program hands it a fresh product no one reads
 
 
 def run_steps(

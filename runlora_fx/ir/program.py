@@ -157,11 +157,13 @@ def _member_forward(b: Builder, plan: Plan, mem: Member) -> str:
             p = mem.sparse_p(plan, k)
             if p is None:
                 continue
-            # x·W_effᵀ holds x·((s/q)·BA)ᵀ: take back (s/q)·(S·Aᵀ)·Bᵀ at the dropped positions
-            sa = b.cast(_s_times_a(b, plan, mem, k, recompute_correction), lora)
-            sab = b.mm(value("SAB", m, k), sa, b.cast(ops.lora_b(m, k), lora), (False, True))
-            terms.append(b.emit(Step(value("sSAB", m, k), "scale", (sab,),
-                                     scale=mem.scale0 + k, factor=-1.0 / (1.0 - p))))
+            # x·W_effᵀ holds x·((s/q)·BA)ᵀ: take back (s/q)·(S·Aᵀ)·Bᵀ at the dropped positions,
+            # −s/q on the N×r side (in its wide dtype), so no N×d_out pass scales the product
+            sa = _s_times_a(b, plan, mem, k, recompute_correction)
+            ssa = b.emit(Step(value("sSA", m, k), "scale", (sa,), scale=mem.scale0 + k,
+                              factor=-1.0 / (1.0 - p), recompute=recompute_correction))
+            terms.append(b.mm(value("sSAB", m, k), b.cast(ssa, lora, recompute_correction),
+                              b.cast(ops.lora_b(m, k), lora), (False, True)))
         y = terms[0] if len(terms) == 1 else b.emit(Step(value("ysum", m), "add", tuple(terms)))
         if plan.hidden is Hidden.SAVE:
             for k in range(len(site.adapters)):
