@@ -90,7 +90,8 @@ def wide_dtype(dtype: torch.dtype) -> torch.dtype:
 # ---- the ops ---------------------------------------------------------------------------------
 # Opaque to Inductor and registered with torch.library's low-level API (a custom_op wrapper
 # costs ~20 µs a call more, and a step makes ~4 calls a site). On the CPU each is one C loop
-# over the positions (dropout_kernels.py); elsewhere the torch version (the same math).
+# over the positions (dropout_kernels.py), or the torch version where no compiler works. Off
+# the CPU the program calls the torch versions directly (positions_op, product_ops below).
 # zero_at_ and minus_dots_at_ update a GEMM's fresh result in place: Inductor reinplaces them,
 # so no N×d copy is made (the program never hands them a tensor anything else reads).
 
@@ -132,7 +133,7 @@ def _dropped_positions(seed: Tensor, numel: int, p: float, slots: int,
                        device: torch.device) -> Tensor:
     """The buffer for `seed` (a 0-d int64 tensor): a pure function of it. On the CPU reading
     the seed costs nothing and the C loop draws; elsewhere the device draws (`device_buffer`)."""
-    lib = kernels.library() if device.type == "cpu" and numel < 2**31 else None
+    lib = kernels.library() if device.type == "cpu" and numel < 2**31 - 1 else None
     if lib is None:
         return device_buffer(seed, numel, p, slots)  # the seed lives on `device`
     buffer = torch.empty(slots + 1, dtype=torch.int32)
@@ -189,21 +190,21 @@ def reference_minus_dots_at_(dense: Tensor, buffer: Tensor, left: Tensor, a: Ten
 def _s_times_at(x: Tensor, buffer: Tensor, a: Tensor) -> Tensor:
     lib = _native(x, buffer, a)
     if lib is not None and a.dtype == x.dtype:
-        return kernels.s_times_at(lib, x, buffer, int(buffer[-1]), a)
+        return kernels.s_times_at(lib, x, buffer, a)
     return reference_s_times_at(x, buffer, a)
 
 
 def _lt_times_s(left: Tensor, buffer: Tensor, x: Tensor) -> Tensor:
     lib = _native(x, buffer, left)
     if lib is not None and left.dtype == x.dtype:
-        return kernels.lt_times_s(lib, left, buffer, int(buffer[-1]), x)
+        return kernels.lt_times_s(lib, left, buffer, x)
     return reference_lt_times_s(left, buffer, x)
 
 
 def _zero_at_(z: Tensor, buffer: Tensor) -> None:
     lib = _native(z, buffer)
     if lib is not None:
-        kernels.zero_at_(lib, z, buffer, int(buffer[-1]))
+        kernels.zero_at_(lib, z, buffer)
     else:
         reference_zero_at_(z, buffer)
 
@@ -212,7 +213,7 @@ def _minus_dots_at_(dense: Tensor, buffer: Tensor, left: Tensor, a: Tensor,
                     factor: float) -> None:
     lib = _native(dense, buffer, left, a)
     if lib is not None and left.dtype == a.dtype:
-        kernels.minus_dots_at_(lib, dense, buffer, int(buffer[-1]), left, a, factor)
+        kernels.minus_dots_at_(lib, dense, buffer, left, a, factor)
     else:
         reference_minus_dots_at_(dense, buffer, left, a, factor)
 

@@ -1,12 +1,13 @@
-"""CPU kernels for the products with the dropped entries S (dropout.py): one pass over the
-positions each, compiled once with the C compiler Inductor uses and loaded with ctypes.
+"""CPU kernels for sparse dropout (dropout.py): the draw of the positions and the products
+with the dropped entries S, one pass over the positions each, compiled once with the C compiler
+Inductor uses and loaded with ctypes.
 
 Written with torch ops, each product is half a dozen gathers, masks and a scatter over the
 positions: ~0.7 ms for 13k positions × r 8 on a CPU (Inductor's code is no faster), as much as
-the dense mask it replaces. In C each is one loop of r multiply-adds per position (~20 µs).
-No torch headers are needed, so the build takes a second; the library is kept under the
-runlora cache directory, keyed by its source. Where no compiler works, `library()` is None
-and dropout.py runs the torch versions (the same results, slower); CUDA always does.
+the dense mask it replaces. In C each is one loop of r multiply-adds per position. No torch
+headers are needed, so the build takes a second; the library is kept under the runlora cache
+directory, keyed by its source, flags and CPU. Where no compiler works, `library()` is None and
+dropout.py runs the torch versions (the same results, slower), as a GPU's graph does.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -87,8 +89,8 @@ static int64_t share_start(const int32_t* pos, int64_t count, int64_t d, int t, 
     if (t == threads) return count;
     return first_at_least(pos, count, (int64_t)pos[count * t / threads] / d * d);
 }
+/* Runs BODY at each position p = i·d + j of the buffer, `wanted` threads on whole rows each. */
 #define FOR_EACH_POSITION(SETUP, BODY, FINISH) \
-    int wanted = threads_for(count); \
     _Pragma("omp parallel num_threads(wanted)") { \
         int t = omp_get_thread_num(), threads = omp_get_num_threads(); \
         int64_t begin = share_start(pos, count, d, t, threads); \
@@ -103,49 +105,83 @@ static int64_t share_start(const int32_t* pos, int64_t count, int64_t d, int t, 
         FINISH \
     }
 
-/* out (N×r fp32, zeroed) += x[i, j]·A[:, j] per position p = i·d + j */
+/* A (r×d, A[c, j] at a[c·lda + j]) as fp32 d×r: a position's r weights side by side */
+#define TRANSPOSED(T) \
+static float* transposed_##T(const void* a, int64_t lda, int64_t r, int64_t d) { \
+    float* at = (float*)malloc((size_t)(d * r) * sizeof(float)); \
+    if (at != NULL) \
+        for (int64_t c = 0; c < r; c++) \
+            for (int64_t j = 0; j < d; j++) at[j * r + c] = load_##T(a, c * lda + j); \
+    return at; \
+}
+TRANSPOSED(f32) TRANSPOSED(bf16) TRANSPOSED(f16)
+
+/* Each product reads the count from the buffer's last slot (pos[slots]) and returns 0, or −1
+   when it could not allocate its scratch. */
+
+/* out (N×r fp32) = Σ x[i, j]·A[:, j] per position, into row i */
 #define S_TIMES_AT(X, T) \
-void s_times_at_##X##_##T(const void* x, int64_t ldx, const int32_t* pos, int64_t count, \
-                          int64_t d, const void* a, int64_t lda, int64_t r, float* out) { \
+int s_times_at_##X##_##T(const void* x, int64_t ldx, int64_t rows, int64_t d, \
+                         const int32_t* pos, int64_t slots, const void* a, int64_t lda, \
+                         int64_t r, float* out) { \
+    int64_t count = pos[slots]; \
+    int wanted = threads_for(count); \
+    float* at = transposed_##T(a, lda, r, d); \
+    if (at == NULL) return -1; \
+    memset(out, 0, (size_t)(rows * r) * sizeof(float)); \
     FOR_EACH_POSITION(, \
         float v = load_##X(x, i * ldx + j); \
-        float* restrict o = out + i * r; const T##_t* restrict w = (const T##_t*)a + j * lda; \
-        for (int64_t c = 0; c < r; c++) o[c] += v * load_##T(w, c);, ) \
+        float* restrict o = out + i * r; const float* restrict w = at + j * r; \
+        for (int64_t c = 0; c < r; c++) o[c] += v * w[c];, ) \
+    free(at); \
+    return 0; \
 }
-/* out (d×k fp32, zeroed) += left[i, :]·x[i, j] per position; each thread but the first sums
-   into its own d×k (threads share columns j), added to out at the end */
+/* out (k×d fp32) = Σ left[i, :]·x[i, j] per position, into column j: each thread sums into a
+   d×k scratch of its own (threads share columns), then the sum is written transposed */
 #define LT_TIMES_S(X, T) \
-void lt_times_s_##X##_##T(const void* left, int64_t ldl, int64_t k, const int32_t* pos, \
-                          int64_t count, const void* x, int64_t ldx, int64_t d, float* out) { \
-    FOR_EACH_POSITION( \
-        float* mine = t == 0 ? out : (float*)calloc((size_t)(d * k), sizeof(float)); \
-        if (mine == NULL) { _Pragma("omp critical") mine = out; }, \
+int lt_times_s_##X##_##T(const void* left, int64_t ldl, int64_t k, const int32_t* pos, \
+                         int64_t slots, const void* x, int64_t ldx, int64_t d, float* out) { \
+    int64_t count = pos[slots]; \
+    int wanted = threads_for(count); \
+    float* scratch = (float*)calloc((size_t)(wanted * d * k), sizeof(float)); \
+    if (scratch == NULL) return -1; \
+    FOR_EACH_POSITION(float* mine = scratch + t * d * k;, \
         float v = load_##X(x, i * ldx + j); \
         float* restrict o = mine + j * k; const T##_t* restrict l = (const T##_t*)left + i * ldl; \
-        for (int64_t c = 0; c < k; c++) o[c] += load_##T(l, c) * v;, \
-        _Pragma("omp barrier") \
-        if (mine != out) { \
-            _Pragma("omp critical") for (int64_t e = 0; e < d * k; e++) out[e] += mine[e]; \
-            free(mine); \
-        }) \
+        for (int64_t c = 0; c < k; c++) o[c] += load_##T(l, c) * v;, ) \
+    for (int u = 1; u < wanted; u++) \
+        for (int64_t e = 0; e < d * k; e++) scratch[e] += scratch[u * d * k + e]; \
+    for (int64_t j = 0; j < d; j++) \
+        for (int64_t c = 0; c < k; c++) out[c * d + j] = scratch[j * k + c]; \
+    free(scratch); \
+    return 0; \
 }
 /* dense[i, j] = 0 per position */
 #define ZERO_AT(X) \
-void zero_at_##X(void* dense, int64_t ld, int64_t d, const int32_t* pos, int64_t count) { \
+int zero_at_##X(void* dense, int64_t ld, int64_t d, const int32_t* pos, int64_t slots) { \
+    int64_t count = pos[slots]; \
+    int wanted = threads_for(count); \
     FOR_EACH_POSITION(, store_##X(dense, i * ld + j, 0.0f);, ) \
+    return 0; \
 }
 /* dense[i, j] −= factor·left[i, :]·A[:, j] per position */
 #define MINUS_DOTS_AT(X, T) \
-void minus_dots_at_##X##_##T(void* dense, int64_t ld, int64_t d, const int32_t* pos, \
-                             int64_t count, const void* left, int64_t ldl, const void* a, \
-                             int64_t lda, int64_t r, float factor) { \
+int minus_dots_at_##X##_##T(void* dense, int64_t ld, int64_t d, const int32_t* pos, \
+                            int64_t slots, const void* left, int64_t ldl, const void* a, \
+                            int64_t lda, int64_t r, float factor) { \
+    int64_t count = pos[slots]; \
+    int wanted = threads_for(count); \
+    float* at = transposed_##T(a, lda, r, d); \
+    if (at == NULL) return -1; \
     FOR_EACH_POSITION(, \
         float dot = 0.0f; \
         const T##_t* restrict l = (const T##_t*)left + i * ldl; \
-        const T##_t* restrict w = (const T##_t*)a + j * lda; \
-        for (int64_t c = 0; c < r; c++) dot += load_##T(l, c) * load_##T(w, c); \
-        int64_t at = i * ld + j; \
-        store_##X(dense, at, load_##X(dense, at) - factor * dot);, ) \
+        const float* restrict w = at + j * r; \
+        for (int64_t c = 0; c < r; c++) dot += load_##T(l, c) * w[c]; \
+        int64_t at_ = i * ld + j; \
+        store_##X(dense, at_, load_##X(dense, at_) - factor * dot);, ) \
+    free(at); \
+    return 0; \
 }
 
 /* The buffer of counter_random.py's draw (dropout.device_buffer, the same steps): gap k
@@ -162,26 +198,54 @@ static void logs_of(double* v) {
 #else
 static void logs_of(double* v) { for (int k = 0; k < DRAW_BATCH; k++) v[k] = log(v[k]); }
 #endif
-int64_t draw_positions(uint64_t seed, int64_t numel, double inv_log_q, int32_t* out,
-                       int64_t slots) {
+/* Gaps k = first … first + n − 1, at most numel + 1 (< 2³¹: a gap past the range ends it
+   whatever its length). */
+static void gaps_of(uint64_t seed, int64_t first, int64_t n, int64_t numel, double inv_log_q,
+                    int32_t* gaps) {
     double logs[DRAW_BATCH];
-    int64_t at = -1, count = 0;
-    for (int64_t first = 1; count < slots && at < numel; first += DRAW_BATCH) {
+    for (int64_t done = 0; done < n; done += DRAW_BATCH) {
+        int64_t batch = n - done < DRAW_BATCH ? n - done : DRAW_BATCH;
         for (int64_t k = 0; k < DRAW_BATCH; k++) {  /* independent: the loop pipelines */
-            uint64_t z = seed + (uint64_t)(first + k) * 0x9E3779B97F4A7C15ull;
+            uint64_t z = seed + (uint64_t)(first + done + k) * 0x9E3779B97F4A7C15ull;
             z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
             z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
             z ^= z >> 31;
             logs[k] = (double)((1ull << 53) - (z >> 11)) * 0x1p-53;  /* 1 − u, exact */
         }
         logs_of(logs);
-        for (int64_t k = 0; k < DRAW_BATCH && count < slots; k++) {
-            double gap = logs[k] * inv_log_q;  /* ≥ 0; huge for a tiny p: compared first */
-            if (gap >= (double)(numel - 1 - at)) { at = numel; break; }
-            at += (int64_t)gap + 1;
-            out[count++] = (int32_t)at;
+        for (int64_t k = 0; k < batch; k++) {
+            double gap = logs[k] * inv_log_q;  /* ≥ 0; huge for a tiny p: clamped first */
+            gaps[done + k] = gap >= (double)numel ? (int32_t)(numel + 1) : (int32_t)gap + 1;
         }
     }
+}
+
+/* The threads draw the gaps of their share of the slots into `out`, then turn them into
+   positions in place from the sum of the shares before theirs (a two-pass scan). */
+int64_t draw_positions(uint64_t seed, int64_t numel, double inv_log_q, int32_t* out,
+                       int64_t slots) {
+    int64_t sums[64], valid[64];
+    int wanted = threads_for(slots);
+    wanted = wanted < 64 ? wanted : 64;
+    _Pragma("omp parallel num_threads(wanted)") {
+        int t = omp_get_thread_num(), threads = omp_get_num_threads();
+        int64_t begin = slots * t / threads, end = slots * (t + 1) / threads, sum = 0, inside = 0;
+        gaps_of(seed, begin + 1, end - begin, numel, inv_log_q, out + begin);
+        for (int64_t n = begin; n < end; n++) sum += out[n];
+        sums[t] = sum;
+        _Pragma("omp barrier")
+        int64_t at = -1;
+        for (int u = 0; u < t; u++) at += sums[u];
+        for (int64_t n = begin; n < end; n++) {
+            at += out[n];
+            if (at >= numel) break;  /* the positions increase: none after this one is inside */
+            out[n] = (int32_t)at;
+            inside++;
+        }
+        valid[t] = inside;
+    }
+    int64_t count = 0;  /* the positions inside the range are a prefix: whole shares, then part */
+    for (int t = 0; t < wanted && count == slots * t / wanted; t++) count += valid[t];
     int32_t pad = count ? out[count - 1] : 0;
     for (int64_t n = count; n < slots; n++) out[n] = pad;
     out[slots] = (int32_t)count;
@@ -265,58 +329,68 @@ def usable(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def _p(t: torch.Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
+_VOID, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+ARGUMENTS = {  # each kernel's C arguments (SOURCE), set once so a call converts plain ints
+    "s_times_at": [_VOID, _INT, _INT, _INT, _VOID, _INT, _VOID, _INT, _INT, _VOID],
+    "lt_times_s": [_VOID, _INT, _INT, _VOID, _INT, _VOID, _INT, _INT, _VOID],
+    "zero_at": [_VOID, _INT, _INT, _VOID, _INT],
+    "minus_dots_at": [_VOID, _INT, _INT, _VOID, _INT, _VOID, _INT, _VOID, _INT, _INT, _FLOAT],
+}
 
 
-def _i(value: int) -> ctypes.c_int64:
-    return ctypes.c_int64(value)
+@functools.cache
+def _kernel(lib: ctypes.CDLL, op: str, *types: torch.dtype) -> Callable[..., int]:
+    function = getattr(lib, "_".join([op, *(TYPES[t] for t in types)]))
+    function.argtypes, function.restype = ARGUMENTS[op], ctypes.c_int
+    return function
 
 
-def _name(op: str, *tensors: torch.Tensor) -> str:
-    return "_".join([op, *(TYPES[t.dtype] for t in tensors)])
+def _run(status: int) -> None:
+    if status != 0:
+        raise MemoryError("runlora: a sparse-dropout kernel could not allocate its scratch")
 
 
-def s_times_at(lib: ctypes.CDLL, x: torch.Tensor, positions: torch.Tensor, count: int,
+def _slots(buffer: torch.Tensor) -> int:
+    return buffer.shape[0] - 1  # the count is in the last slot, which the kernels read
+
+
+def s_times_at(lib: ctypes.CDLL, x: torch.Tensor, buffer: torch.Tensor,
                a: torch.Tensor) -> torch.Tensor:
     """S·Aᵀ for A (r×d): N×r fp32."""
-    out = torch.zeros(x.shape[0], a.shape[0])
-    at = a.t().contiguous()  # d×r: a position's r weights side by side
-    getattr(lib, _name("s_times_at", x, a))(
-        _p(x), _i(x.stride(0)), _p(positions), _i(count), _i(x.shape[1]), _p(at),
-        _i(at.stride(0)), _i(at.shape[1]), _p(out))
+    out = torch.empty(x.shape[0], a.shape[0])
+    _run(_kernel(lib, "s_times_at", x.dtype, a.dtype)(
+        x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], buffer.data_ptr(), _slots(buffer),
+        a.data_ptr(), a.stride(0), a.shape[0], out.data_ptr()))
     return out
 
 
-def lt_times_s(lib: ctypes.CDLL, left: torch.Tensor, positions: torch.Tensor, count: int,
+def lt_times_s(lib: ctypes.CDLL, left: torch.Tensor, buffer: torch.Tensor,
                x: torch.Tensor) -> torch.Tensor:
     """Lᵀ·S for L (N×k): k×d fp32."""
-    out = torch.zeros(x.shape[1], left.shape[1])
-    getattr(lib, _name("lt_times_s", x, left))(
-        _p(left), _i(left.stride(0)), _i(left.shape[1]), _p(positions), _i(count), _p(x),
-        _i(x.stride(0)), _i(x.shape[1]), _p(out))
-    return out.t().contiguous()
+    out = torch.empty(left.shape[1], x.shape[1])
+    _run(_kernel(lib, "lt_times_s", x.dtype, left.dtype)(
+        left.data_ptr(), left.stride(0), left.shape[1], buffer.data_ptr(), _slots(buffer),
+        x.data_ptr(), x.stride(0), x.shape[1], out.data_ptr()))
+    return out
 
 
-def zero_at_(lib: ctypes.CDLL, dense: torch.Tensor, positions: torch.Tensor,
-             count: int) -> None:
+def zero_at_(lib: ctypes.CDLL, dense: torch.Tensor, buffer: torch.Tensor) -> None:
     """0 at every position of `dense`, in place."""
-    getattr(lib, _name("zero_at", dense))(
-        _p(dense), _i(dense.stride(0)), _i(dense.shape[1]), _p(positions), _i(count))
+    _run(_kernel(lib, "zero_at", dense.dtype)(
+        dense.data_ptr(), dense.stride(0), dense.shape[1], buffer.data_ptr(), _slots(buffer)))
 
 
-def minus_dots_at_(lib: ctypes.CDLL, dense: torch.Tensor, positions: torch.Tensor, count: int,
+def minus_dots_at_(lib: ctypes.CDLL, dense: torch.Tensor, buffer: torch.Tensor,
                    left: torch.Tensor, a: torch.Tensor, factor: float) -> None:
     """dense −= factor·(L·A) at every position, in place."""
-    at = a.t().contiguous()  # d×r
-    getattr(lib, _name("minus_dots_at", dense, left))(
-        _p(dense), _i(dense.stride(0)), _i(dense.shape[1]), _p(positions), _i(count),
-        _p(left), _i(left.stride(0)), _p(at), _i(at.stride(0)), _i(at.shape[1]),
-        ctypes.c_float(factor))
+    _run(_kernel(lib, "minus_dots_at", dense.dtype, left.dtype)(
+        dense.data_ptr(), dense.stride(0), dense.shape[1], buffer.data_ptr(), _slots(buffer),
+        left.data_ptr(), left.stride(0), a.data_ptr(), a.stride(0), a.shape[0], factor))
 
 
 def draw_positions(lib: ctypes.CDLL, seed: int, numel: int, p: float,
                    buffer: torch.Tensor) -> None:
     """Fills `buffer` (int32, slots + 1) with the draw of `seed` (dropout.device_buffer)."""
-    lib.draw_positions(ctypes.c_uint64(seed % 2**64), _i(numel),
-                       ctypes.c_double(1.0 / math.log1p(-p)), _p(buffer), _i(buffer.numel() - 1))
+    lib.draw_positions(ctypes.c_uint64(seed % 2**64), _INT(numel),
+                       ctypes.c_double(1.0 / math.log1p(-p)), _VOID(buffer.data_ptr()),
+                       _INT(_slots(buffer)))
