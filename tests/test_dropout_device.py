@@ -162,6 +162,19 @@ def _units() -> list[SiteGroup]:
             SiteGroup(tuple(site(name, d_out) for name, d_out in (("q", 16), ("k", 8), ("v", 8))))]
 
 
+def run_program_on_cuda(unit: SiteGroup, program) -> dict[str, torch.Tensor]:
+    """The program's forward then backward steps (execute.run_steps, as the rewritten graph runs
+    them) on CUDA operands, ones as tangents: every value by name."""
+    env = {op.name: torch.randn(*op.shape, device=CUDA, dtype=op.dtype)
+           for op in program_operands(unit, program)}
+    placement = {name: (t.shape, t.device) for name, t in env.items()}
+    run_steps(program.forward, env, [2.0] * len(unit.members), "site", placement)
+    for name, out in zip(program.tangents, program.outputs):
+        env[name] = torch.ones_like(env[out])
+    run_steps(program.backward, env, [2.0] * len(unit.members), "site", placement)
+    return env
+
+
 @pytest.mark.parametrize("unit", _units(), ids=["fp32", "bf16-peft", "group"])
 def test_every_sparse_dropout_plans_step_runs_on_cuda_without_a_host_read(fake_cuda, unit):
     """Each legal sparse-dropout plan's program, forward then backward, step by step as the
@@ -173,13 +186,7 @@ def test_every_sparse_dropout_plans_step_runs_on_cuda_without_a_host_read(fake_c
     assert plans
     for plan in plans:
         program = program_for(plan, unit)
-        env = {op.name: torch.randn(*op.shape, device=CUDA, dtype=op.dtype)
-               for op in program_operands(unit, program)}
-        placement = {name: (t.shape, t.device) for name, t in env.items()}
-        run_steps(program.forward, env, [2.0] * len(unit.members), "site", placement)
-        for name, out in zip(program.tangents, program.outputs):
-            env[name] = torch.ones_like(env[out])
-        run_steps(program.backward, env, [2.0] * len(unit.members), "site", placement)
+        env = run_program_on_cuda(unit, program)
         for leaf, grad in program.grads:
             assert env[grad].shape == env[leaf].shape, (plan.describe(), leaf)
         assert program.grads, plan.describe()
@@ -206,13 +213,7 @@ def test_off_the_cpu_the_sparse_steps_are_torch_ops_inductor_can_fuse(unit):
     program = program_for(plan, unit)
     record = RecordRunloraOps()
     with FakeTensorMode(allow_non_fake_inputs=False), record:
-        env = {op.name: torch.randn(*op.shape, device=CUDA, dtype=op.dtype)
-               for op in program_operands(unit, program)}
-        placement = {name: (t.shape, t.device) for name, t in env.items()}
-        run_steps(program.forward, env, [2.0] * len(unit.members), "site", placement)
-        for name, out in zip(program.tangents, program.outputs):
-            env[name] = torch.ones_like(env[out])
-        run_steps(program.backward, env, [2.0] * len(unit.members), "site", placement)
+        run_program_on_cuda(unit, program)
     assert record.seen == {"draw_seed"}, plan.describe()
 
 
