@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import astuple, dataclass, fields
 
-from runlora_fx.ir.dropout import expected_count
+from runlora_fx.ir.dropout import PRODUCTS, expected_count
 from runlora_fx.ir.plans import Dropout, Plan
 from runlora_fx.ir.operands import Derived, derived
 from runlora_fx.ir.program import Program, metas_of, operand_metas, program_for, program_operands
@@ -23,7 +23,6 @@ from runlora_fx.ir.steps import Meta, Step, infer, mm_dims
 from runlora_fx.ir.site import SiteGroup
 
 VIEWS = ("slice", "t")
-SPARSE = ("s_times_at", "lt_times_s", "zero_at", "minus_dots_at")
 
 
 @dataclass(frozen=True)
@@ -141,7 +140,7 @@ def step_costs(program: Program, unit: SiteGroup) -> list[StepCost]:
             (source, _), p = metas[step.args[1]], step.p
             count = expected_count(source[0] * source[1], p)
             moved, draws = count * 24 + _nbytes(metas[step.out]), count
-        elif step.op in SPARSE:
+        elif step.op in PRODUCTS:
             moved = _sparse_bytes(step, metas)
         else:
             moved = sum(_nbytes(metas[a]) for a in step.args) + _nbytes(metas[step.out])

@@ -26,10 +26,9 @@ harmless, so padding contributes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import ctypes
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
