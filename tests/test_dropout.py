@@ -14,8 +14,10 @@ import runlora_fx
 from runlora_fx.ir import dropout as D
 from runlora_fx.ir import dropout_kernels as kernels
 from runlora_fx.ir.execute import UnitCall
-from runlora_fx.ir.plans import Dropout, plans_for
-from runlora_fx.ir.site import Adapter, LoraSite, SiteGroup
+from runlora_fx.ir.plans import Dropout, Forward, plans_for
+from runlora_fx.ir.program import metas_of
+from runlora_fx.ir.site import Adapter, LoraSite, SiteGroup, WeightLayout
+from runlora_fx.ir.steps import mm_dims
 
 from conftest import ALL_TARGETS, peft_llama, twin
 from replay import keep_mask, replayed_positions
@@ -199,6 +201,55 @@ def test_every_group_plan_equals_the_dense_math_with_the_same_masks():
         for g, e in zip(got, expected):
             torch.testing.assert_close(g, e, msg=plan.describe())
         assert len({tuple(drawn[f"P{m}.0"].tolist()) for m in range(3)}) == 3  # own masks
+
+
+@pytest.mark.parametrize("layout", list(WeightLayout))
+def test_a_merged_forward_takes_its_corrections_in_its_gemm_and_every_plan_is_exact(layout):
+    """A site with two dropout adapters, in both weight layouts: every sparse plan equals the
+    dense formula in fp64 with the masks drawn, and a merged forward not shared with another
+    product runs one GEMM of inner size d_in + r₀ + r₁ for x·W_effᵀ and both corrections, and
+    no N×d_out product besides it."""
+    n, d_in, d_out, p, s = 12, 10, 7, 0.25, 2.0
+    adapters = (Adapter(3, p, s, True, True), Adapter(2, p, s / 2, True, True))
+    site = LoraSite("m", n, d_in, d_out, adapters, torch.float64, True, True, True, True,
+                    weight_layout=layout)
+    unit = SiteGroup((site,))
+    plans = [plan for plan in plans_for(unit) if plan.dropout.is_sparse]
+    merged = [plan for plan in plans if plan.forward is Forward.MERGED
+              and not (plan.fold_x or plan.stack_w)]
+    assert merged
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d_in, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(d_out, d_in, generator=gen, dtype=torch.float64)
+    bias = torch.randn(d_out, generator=gen, dtype=torch.float64, requires_grad=True)
+    a = [torch.randn(ad.r, d_in, generator=gen, dtype=torch.float64, requires_grad=True)
+         for ad in adapters]
+    b = [torch.randn(d_out, ad.r, generator=gen, dtype=torch.float64, requires_grad=True)
+         for ad in adapters]
+    dy = torch.randn(n, d_out, generator=gen, dtype=torch.float64)
+    stored = w if layout is WeightLayout.OUT_IN else w.t().contiguous()
+    by_name = {"x": x, "W0": stored, "b0": bias, "A0.0": a[0], "B0.0": b[0], "A0.1": a[1],
+               "B0.1": b[1]}
+    leaves = [x, bias, *a, *b]
+    for plan in plans:
+        planned = UnitCall("site", unit, plan)
+        assert {op.name for op in planned.operands} <= set(by_name)
+        torch.manual_seed(7)
+        y = planned([by_name[op.name] for op in planned.operands], [s, s / 2])
+        got = torch.autograd.grad(y, leaves, dy)
+        drawn = replayed_positions(planned.program, 7, n * d_in)
+        masks = [keep_mask(drawn[f"P0.{k}"], (n, d_in), p, torch.float64) for k in range(2)]
+        expected_y = x @ w.t() + bias + sum(
+            sk * (x * mk) @ ak.t() @ bk.t() for sk, mk, ak, bk in zip((s, s / 2), masks, a, b))
+        torch.testing.assert_close(y, expected_y, msg=plan.describe())
+        for g, e in zip(got, torch.autograd.grad(expected_y, leaves, dy)):
+            torch.testing.assert_close(g, e, msg=plan.describe())
+        if plan in merged:
+            metas = metas_of(planned.program, unit)
+            wide = [step for step in planned.program.forward if step.op == "mm"
+                    and metas[step.out][0] == (n, d_out)]
+            assert len(wide) == 1, plan.describe()
+            assert mm_dims(wide[0], metas)[1] == d_in + 5, plan.describe()
 
 
 # ---- compiled steps --------------------------------------------------------------------------

@@ -89,15 +89,24 @@ static int64_t share_start(const int32_t* pos, int64_t count, int64_t d, int t, 
     if (t == threads) return count;
     return first_at_least(pos, count, (int64_t)pos[count * t / threads] / d * d);
 }
-/* Runs BODY at each position p = i·d + j of the buffer, `wanted` threads on whole rows each. */
-#define FOR_EACH_POSITION(SETUP, BODY, FINISH) \
+/* Runs BODY at each position p = i·d + j of the buffer, `wanted` threads on whole rows each.
+   At a large N×d the element a position reads (of x, or of dense: SCATTERED, rows LD apart)
+   is in DRAM and the hardware prefetcher does not follow the geometric jumps between
+   positions, so each read would wait for memory: where the rows are contiguous, the element
+   PREFETCH_AHEAD positions on is requested now (its address is its position). */
+#define PREFETCH_AHEAD 32
+#define FOR_EACH_POSITION(SCATTERED, LD, SETUP, BODY, FINISH) \
     _Pragma("omp parallel num_threads(wanted)") { \
         int t = omp_get_thread_num(), threads = omp_get_num_threads(); \
         int64_t begin = share_start(pos, count, d, t, threads); \
         int64_t end = share_start(pos, count, d, t + 1, threads); \
         int64_t i = begin < end ? pos[begin] / d : 0, row = i * d; \
+        const char* ahead = (LD) == d ? (const char*)(SCATTERED) : NULL; \
+        int64_t size = (int64_t)sizeof(*(SCATTERED)); \
         SETUP \
         for (int64_t n = begin; n < end; n++) { \
+            if (ahead != NULL && n + PREFETCH_AHEAD < end) \
+                __builtin_prefetch(ahead + (int64_t)pos[n + PREFETCH_AHEAD] * size); \
             while (pos[n] >= row + d) { i++; row += d; } \
             int64_t j = pos[n] - row; \
             BODY \
@@ -129,7 +138,7 @@ int s_times_at_##X##_##T(const void* x, int64_t ldx, int64_t rows, int64_t d, \
     float* at = transposed_##T(a, lda, r, d); \
     if (at == NULL) return -1; \
     memset(out, 0, (size_t)(rows * r) * sizeof(float)); \
-    FOR_EACH_POSITION(, \
+    FOR_EACH_POSITION((const X##_t*)x, ldx, , \
         float v = load_##X(x, i * ldx + j); \
         float* restrict o = out + i * r; const float* restrict w = at + j * r; \
         for (int64_t c = 0; c < r; c++) o[c] += v * w[c];, ) \
@@ -145,7 +154,7 @@ int lt_times_s_##X##_##T(const void* left, int64_t ldl, int64_t k, const int32_t
     int wanted = threads_for(count); \
     float* scratch = (float*)calloc((size_t)(wanted * d * k), sizeof(float)); \
     if (scratch == NULL) return -1; \
-    FOR_EACH_POSITION(float* mine = scratch + t * d * k;, \
+    FOR_EACH_POSITION((const X##_t*)x, ldx, float* mine = scratch + t * d * k;, \
         float v = load_##X(x, i * ldx + j); \
         float* restrict o = mine + j * k; const T##_t* restrict l = (const T##_t*)left + i * ldl; \
         for (int64_t c = 0; c < k; c++) o[c] += load_##T(l, c) * v;, ) \
@@ -161,7 +170,7 @@ int lt_times_s_##X##_##T(const void* left, int64_t ldl, int64_t k, const int32_t
 int zero_at_##X(void* dense, int64_t ld, int64_t d, const int32_t* pos, int64_t slots) { \
     int64_t count = pos[slots]; \
     int wanted = threads_for(count); \
-    FOR_EACH_POSITION(, store_##X(dense, i * ld + j, 0.0f);, ) \
+    FOR_EACH_POSITION((X##_t*)dense, ld, , store_##X(dense, i * ld + j, 0.0f);, ) \
     return 0; \
 }
 /* dense[i, j] −= factor·left[i, :]·A[:, j] per position */
@@ -173,7 +182,7 @@ int minus_dots_at_##X##_##T(void* dense, int64_t ld, int64_t d, const int32_t* p
     int wanted = threads_for(count); \
     float* at = transposed_##T(a, lda, r, d); \
     if (at == NULL) return -1; \
-    FOR_EACH_POSITION(, \
+    FOR_EACH_POSITION((X##_t*)dense, ld, , \
         float dot = 0.0f; \
         const T##_t* restrict l = (const T##_t*)left + i * ldl; \
         const float* restrict w = at + j * r; \

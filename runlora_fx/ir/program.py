@@ -151,19 +151,19 @@ def _member_forward(b: Builder, plan: Plan, mem: Member) -> str:
     lora = mem.lora(plan)
     if plan.forward is Forward.MERGED:
         weff = _weff(b, plan, mem, recompute=plan.input_grad is not InputGrad.MERGED_KEEP)
-        terms = [b.mm(value("xW", m), b.cast(ops.X, mem.base), weff,
-                      (False, mem.w_transposed), (Gemm.XW, m)), *bias]
-        for k in range(len(site.adapters)):
-            p = mem.sparse_p(plan, k)
-            if p is None:
-                continue
-            # x·W_effᵀ holds x·((s/q)·BA)ᵀ: take back (s/q)·(S·Aᵀ)·Bᵀ at the dropped positions,
-            # −s/q on the N×r side (in its wide dtype), so no N×d_out pass scales the product
-            sa = _s_times_a(b, plan, mem, k, recompute_correction)
-            ssa = b.emit(Step(value("sSA", m, k), "scale", (sa,), scale=mem.scale0 + k,
-                              factor=-1.0 / (1.0 - p), recompute=recompute_correction))
-            terms.append(b.mm(value("sSAB", m, k), b.cast(ssa, lora, recompute_correction),
-                              b.cast(ops.lora_b(m, k), lora), (False, True)))
+        # x·W_effᵀ holds x·((s/q)·BA)ᵀ: take back (s/q)·(S·Aᵀ)·Bᵀ at the dropped positions,
+        # −s/q on the N×r side (in its wide dtype), so no N×d_out pass scales the product
+        corrections = [
+            (b.emit(Step(value("sSA", m, k), "scale",
+                         (_s_times_a(b, plan, mem, k, recompute_correction),),
+                         scale=mem.scale0 + k, factor=-1.0 / (1.0 - p),
+                         recompute=recompute_correction)), k)
+            for k in range(len(site.adapters)) if (p := mem.sparse_p(plan, k)) is not None]
+        terms = [_merged_product(b, plan, mem, weff, corrections), *bias]
+        if corrections and not _joins_corrections(plan, mem):
+            terms += [b.mm(value("sSAB", m, k), b.cast(ssa, lora, recompute_correction),
+                           b.cast(ops.lora_b(m, k), lora), (False, True))
+                      for ssa, k in corrections]
         y = terms[0] if len(terms) == 1 else b.emit(Step(value("ysum", m), "add", tuple(terms)))
         if plan.hidden is Hidden.SAVE:
             for k in range(len(site.adapters)):
@@ -183,6 +183,32 @@ def _member_forward(b: Builder, plan: Plan, mem: Member) -> str:
     if plan.input_grad is InputGrad.MERGED_KEEP and plan.forward is Forward.SPLIT:
         _weff(b, plan, mem, recompute=False)
     return b.cast(y, site.result_dtype)
+
+
+def _joins_corrections(plan: Plan, mem: Member) -> bool:
+    """Whether the merged forward's corrections ride in its GEMM's inner dimension (below):
+    where x·W_effᵀ is not shared with another product and the corrections are in x's dtype."""
+    return not (plan.fold_x or plan.stack_w) and mem.lora(plan) == mem.base
+
+
+def _merged_product(b: Builder, plan: Plan, mem: Member, weff: str,
+                    corrections: list[tuple[str, int]]) -> str:
+    """x·W_effᵀ, with the sparse corrections c_k = −(s/q)·S·A_kᵀ (N×r) joined on its inner
+    dimension where it can: [x | c_k…]·[W_eff | B_k…]ᵀ = x·W_effᵀ + Σ c_k·B_kᵀ in one GEMM.
+    A GEMM of its own for c_k·B_kᵀ would write an N×d_out product and add it to x·W_effᵀ (on a
+    CPU Inductor makes that an addmm, which copies x·W_effᵀ first): K grows by r instead."""
+    m, x = mem.m, b.cast(ops.X, mem.base)
+    if not corrections or not _joins_corrections(plan, mem):
+        return b.mm(value("xW", m), x, weff, (False, mem.w_transposed), (Gemm.XW, m))
+    dim = 1 if mem.w_transposed else 0  # W_eff's d_in axis
+    bs = [b.cast(ops.lora_b(m, k), mem.base) for _, k in corrections]
+    if not mem.w_transposed:  # W_eff is d_in×d_out: Bᵀ joins it
+        bs = [b.emit(Step(derived(Derived.TRANSPOSED, name), "t", (name,))) for name in bs]
+    cs = [b.cast(c, mem.base) for c, _ in corrections]
+    left = b.emit(Step(derived(Derived.JOINED, ",".join([x, *cs])), "cat", (x, *cs), dim=1))
+    right = b.emit(Step(derived(Derived.JOINED, ",".join([weff, *bs])), "cat", (weff, *bs),
+                        dim=dim))
+    return b.mm(value("xW", m), left, right, (False, mem.w_transposed))
 
 
 def _member_backward(b: Builder, plan: Plan, mem: Member) -> list[tuple[str, str]]:
