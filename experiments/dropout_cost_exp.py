@@ -137,8 +137,9 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".md").write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps(
+        # appended, not with_suffix: a name like llama3.2-1b_N512 has a dot of its own
+        args.out.with_name(args.out.name + ".md").write_text(text)
+        args.out.with_name(args.out.name + ".json").write_text(json.dumps(
             {"args": {k: str(v) for k, v in vars(args).items()}, "rounds": rounds,
              "rows": rows, "times": {k: r.times for k, r in runners.items()}}, indent=1))
 
