@@ -159,11 +159,7 @@ def _member_forward(b: Builder, plan: Plan, mem: Member) -> str:
                          scale=mem.scale0 + k, factor=-1.0 / (1.0 - p),
                          recompute=recompute_correction)), k)
             for k in range(len(site.adapters)) if (p := mem.sparse_p(plan, k)) is not None]
-        terms = [_merged_product(b, plan, mem, weff, corrections), *bias]
-        if corrections and not _joins_corrections(plan, mem):
-            terms += [b.mm(value("sSAB", m, k), b.cast(ssa, lora, recompute_correction),
-                           b.cast(ops.lora_b(m, k), lora), (False, True))
-                      for ssa, k in corrections]
+        terms = _merged_terms(b, plan, mem, weff, corrections, bias, recompute_correction)
         y = terms[0] if len(terms) == 1 else b.emit(Step(value("ysum", m), "add", tuple(terms)))
         if plan.hidden is Hidden.SAVE:
             for k in range(len(site.adapters)):
@@ -185,21 +181,23 @@ def _member_forward(b: Builder, plan: Plan, mem: Member) -> str:
     return b.cast(y, site.result_dtype)
 
 
-def _joins_corrections(plan: Plan, mem: Member) -> bool:
-    """Whether the merged forward's corrections ride in its GEMM's inner dimension (below):
-    where x·W_effᵀ is not shared with another product and the corrections are in x's dtype."""
-    return not (plan.fold_x or plan.stack_w) and mem.lora(plan) == mem.base
-
-
-def _merged_product(b: Builder, plan: Plan, mem: Member, weff: str,
-                    corrections: list[tuple[str, int]]) -> str:
-    """x·W_effᵀ, with the sparse corrections c_k = −(s/q)·S·A_kᵀ (N×r) joined on its inner
-    dimension where it can: [x | c_k…]·[W_eff | B_k…]ᵀ = x·W_effᵀ + Σ c_k·B_kᵀ in one GEMM.
-    A GEMM of its own for c_k·B_kᵀ would write an N×d_out product and add it to x·W_effᵀ (on a
-    CPU Inductor makes that an addmm, which copies x·W_effᵀ first): K grows by r instead."""
+def _merged_terms(b: Builder, plan: Plan, mem: Member, weff: str,
+                  corrections: list[tuple[str, int]], bias: tuple[str, ...],
+                  recompute: bool) -> list[str]:
+    """The merged forward's terms: x·W_effᵀ, the bias, and the sparse corrections
+    c_k·B_kᵀ with c_k = −(s/q)·S·A_kᵀ (N×r). Where x·W_effᵀ is the member's own GEMM (not shared
+    with another product) and c_k is in x's dtype, the corrections ride on its inner dimension:
+    [x | c_k…]·[W_eff | B_k…]ᵀ = x·W_effᵀ + Σ c_k·B_kᵀ in one GEMM, K grown by r. A GEMM of its
+    own for c_k·B_kᵀ writes an N×d_out product to add to x·W_effᵀ (on a CPU Inductor makes that
+    an addmm, which copies x·W_effᵀ first)."""
     m, x = mem.m, b.cast(ops.X, mem.base)
-    if not corrections or not _joins_corrections(plan, mem):
-        return b.mm(value("xW", m), x, weff, (False, mem.w_transposed), (Gemm.XW, m))
+    joined = bool(corrections) and not (plan.fold_x or plan.stack_w) and (
+        mem.lora(plan) == mem.base)
+    if not joined:
+        lora = mem.lora(plan)
+        return [b.mm(value("xW", m), x, weff, (False, mem.w_transposed), (Gemm.XW, m)), *bias,
+                *(b.mm(value("sSAB", m, k), b.cast(ssa, lora, recompute),
+                       b.cast(ops.lora_b(m, k), lora), (False, True)) for ssa, k in corrections)]
     dim = 1 if mem.w_transposed else 0  # W_eff's d_in axis
     bs = [b.cast(ops.lora_b(m, k), mem.base) for _, k in corrections]
     if not mem.w_transposed:  # W_eff is d_in×d_out: Bᵀ joins it
@@ -208,7 +206,7 @@ def _merged_product(b: Builder, plan: Plan, mem: Member, weff: str,
     left = b.emit(Step(derived(Derived.JOINED, ",".join([x, *cs])), "cat", (x, *cs), dim=1))
     right = b.emit(Step(derived(Derived.JOINED, ",".join([weff, *bs])), "cat", (weff, *bs),
                         dim=dim))
-    return b.mm(value("xW", m), left, right, (False, mem.w_transposed))
+    return [b.mm(value("xW", m), left, right, (False, mem.w_transposed)), *bias]
 
 
 def _member_backward(b: Builder, plan: Plan, mem: Member) -> list[tuple[str, str]]:
