@@ -5,6 +5,7 @@ dropout site without keeping a dense mask or a dropped copy of x."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -204,11 +205,11 @@ def test_every_group_plan_equals_the_dense_math_with_the_same_masks():
 
 
 @pytest.mark.parametrize("layout", list(WeightLayout))
-def test_a_merged_forward_takes_its_corrections_in_its_gemm_and_every_plan_is_exact(layout):
+def test_a_merged_forward_adds_its_corrections_into_its_gemm_and_every_plan_is_exact(layout):
     """A site with two dropout adapters, in both weight layouts: every sparse plan equals the
     dense formula in fp64 with the masks drawn, and a merged forward not shared with another
-    product runs one GEMM of inner size d_in + r₀ + r₁ for x·W_effᵀ and both corrections, and
-    no N×d_out product besides it."""
+    product runs one N×d_out GEMM, x·W_effᵀ, and adds both corrections c_k·B_kᵀ into its
+    result in place, one after the other (no N×d_out product besides it)."""
     n, d_in, d_out, p, s = 12, 10, 7, 0.25, 2.0
     adapters = (Adapter(3, p, s, True, True), Adapter(2, p, s / 2, True, True))
     site = LoraSite("m", n, d_in, d_out, adapters, torch.float64, True, True, True, True,
@@ -246,10 +247,34 @@ def test_a_merged_forward_takes_its_corrections_in_its_gemm_and_every_plan_is_ex
             torch.testing.assert_close(g, e, msg=plan.describe())
         if plan in merged:
             metas = metas_of(planned.program, unit)
-            wide = [step for step in planned.program.forward if step.op == "mm"
+            wide = [step for step in planned.program.forward if step.op in ("mm", "add_mm")
                     and metas[step.out][0] == (n, d_out)]
-            assert len(wide) == 1, plan.describe()
-            assert mm_dims(wide[0], metas)[1] == d_in + 5, plan.describe()
+            assert [step.op for step in wide] == ["mm", "add_mm", "add_mm"], plan.describe()
+            assert [mm_dims(step, metas)[1] for step in wide] == [d_in, 3, 2], plan.describe()
+            assert [step.args[0] for step in wide[1:]] == [wide[0].out, wide[1].out]
+
+
+def test_inductor_adds_the_correction_into_the_gemms_own_buffer():
+    """add_mm_ on a fresh GEMM result, compiled by Inductor: the GEMM writes one N×d_out buffer
+    and the correction is added into it in place — no addmm copying it to another, no second
+    N×d_out buffer — and the result is the eager one."""
+    from torch._inductor.utils import run_and_get_code
+
+    def merged(x: torch.Tensor, w: torch.Tensor, c: torch.Tensor, b: torch.Tensor):
+        y = torch.mm(x, w.t())
+        D.add_mm_(y, c, b.t())
+        return y
+
+    gen = torch.Generator().manual_seed(0)
+    x, w, c, b = (torch.randn(*shape, generator=gen)
+                  for shape in ((40, 24), (56, 24), (40, 3), (56, 3)))
+    torch._dynamo.reset()
+    got, (code,) = run_and_get_code(torch.compile(merged, backend="inductor"), x, w, c, b)
+    torch.testing.assert_close(got, x @ w.t() + c @ b.t())
+    (out,) = re.findall(r"extern_kernels\.mm\(.*out=(\w+)\)", code)
+    assert re.findall(r"runlora\.add_mm_\.default\((\w+),", code) == [out], code
+    assert "addmm" not in code.replace("add_mm_", ""), code
+    assert code.count("empty_strided_cpu((40, 56)") == 1, code
 
 
 # ---- compiled steps --------------------------------------------------------------------------

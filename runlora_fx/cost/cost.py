@@ -23,6 +23,7 @@ from runlora_fx.ir.steps import Meta, Step, infer, mm_dims
 from runlora_fx.ir.site import SiteGroup
 
 VIEWS = ("slice", "t")
+GEMMS = ("mm", "add_mm")
 
 
 @dataclass(frozen=True)
@@ -128,10 +129,11 @@ def step_costs(program: Program, unit: SiteGroup) -> list[StepCost]:
     for step in (*program.forward, *program.backward):
         metas[step.out] = infer(step, metas)
         flops, draws = 0, 0
-        if step.op == "mm":
+        if step.op in GEMMS:  # add_mm reads its m×n addend and writes it back
             m, k, n = mm_dims(step, metas)
             elt = metas[step.out][1].itemsize
-            flops, moved = 2 * m * k * n, (m * k + k * n + m * n) * elt
+            flops = 2 * m * k * n
+            moved = (m * k + k * n + m * n * (2 if step.op == "add_mm" else 1)) * elt
         elif step.op in VIEWS:
             moved = 0
         elif step.op == "seed":
@@ -179,7 +181,7 @@ def cost_of(plan: Plan, unit: SiteGroup, program: Program | None = None) -> Cost
         flops=sum(s.flops for s in steps),
         bytes_moved=sum(s.bytes_moved for s in steps),
         saved_bytes=saved_bytes(program, unit),
-        gemms=sum(s.step.op == "mm" for s in steps),
+        gemms=sum(s.step.op in GEMMS for s in steps),
         draws=sum(s.draws for s in steps),
         held_bytes=sum(_nbytes(stack.meta) for stack in program.stacks),
     ) + graph_dropout_cost(plan, unit)

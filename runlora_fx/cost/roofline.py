@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 
 from runlora_fx.cost.cache import MeasurementCache
-from runlora_fx.cost.cost import VIEWS, graph_dropout_cost, step_costs
+from runlora_fx.cost.cost import GEMMS, VIEWS, graph_dropout_cost, step_costs
 from runlora_fx.cost.measure import synchronize
 from runlora_fx.ir.plans import Plan
 from runlora_fx.ir.program import Program, program_for
@@ -136,7 +136,7 @@ def predicted_seconds(
     program: Program, unit: SiteGroup, model: DeviceModel
 ) -> float:
     return sum(
-        model.seconds(s.flops, s.bytes_moved, gemm=s.step.op == "mm") + s.draws * model.draw
+        model.seconds(s.flops, s.bytes_moved, gemm=s.step.op in GEMMS) + s.draws * model.draw
         for s in step_costs(program, unit) if s.step.op not in VIEWS
     )
 

@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from runlora_fx.ir import counter_random
 from runlora_fx.ir import dropout_kernels as kernels
@@ -109,6 +110,12 @@ _OPS.define("lt_times_s(Tensor left, Tensor buffer, Tensor x) -> Tensor")
 _OPS.define("zero_at_(Tensor(a!) z, Tensor buffer) -> ()")
 _OPS.define("minus_dots_at_(Tensor(a!) dense, Tensor buffer, Tensor left, Tensor a, float factor)"
             " -> ()")
+# y += a·b in place, BLAS's own beta = 1: a merged forward adds its correction c·Bᵀ (N×r times
+# r×d_out) to its GEMM's fresh result. On a CPU Inductor turns add(mm, c·Bᵀ) into addmm, which
+# copies the mm's N×d_out result into a fresh buffer first; joining c into the GEMM's inner
+# dimension ([x | c]) copies x into one instead. Either is a pass over fresh pages each step
+# (measured: 2–5× the add's own time at A's and B's shapes, docs/benchmarks.md).
+_OPS.define("add_mm_(Tensor(a!) y, Tensor a, Tensor b) -> ()")
 
 
 def _native(*tensors: Tensor) -> ctypes.CDLL | None:
@@ -186,6 +193,10 @@ def reference_minus_dots_at_(dense: Tensor, buffer: Tensor, left: Tensor, a: Ten
     dense.put_(flat, new.to(dense.dtype))
 
 
+def _add_mm_(y: Tensor, a: Tensor, b: Tensor) -> None:
+    y.addmm_(a, b)
+
+
 def _s_times_at(x: Tensor, buffer: Tensor, a: Tensor) -> Tensor:
     lib = _native(x, buffer, a)
     if lib is not None and a.dtype == x.dtype:
@@ -224,6 +235,18 @@ def _minus_dots_at_(dense: Tensor, buffer: Tensor, left: Tensor, a: Tensor,
 PRODUCTS = ("s_times_at", "lt_times_s", "zero_at", "minus_dots_at")
 
 
+def add_mm_op(device: torch.device) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+    """y + a·b for the "add_mm" step: on the CPU in place (add_mm_ above: the program hands it
+    a GEMM's fresh result no one else reads); off it torch's addmm, which Inductor lowers."""
+    if device.type != "cpu":
+        return torch.addmm
+
+    def in_place(y: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        add_mm_(y, a, b)
+        return y
+    return in_place
+
+
 def positions_op(device: torch.device) -> Callable[..., Tensor]:
     """The draw of the "positions" step: (seed, numel, p, slots, device) → buffer."""
     if device.type == "cpu":
@@ -243,7 +266,7 @@ def product_ops(device: torch.device) -> dict[str, Callable[..., Tensor | None]]
 # each op's implementation by name (tests run them on fake CUDA tensors: no host read)
 IMPLS = {"draw_seed": _draw_seed, "dropped_positions": _dropped_positions,
          "s_times_at": _s_times_at, "lt_times_s": _lt_times_s, "zero_at_": _zero_at_,
-         "minus_dots_at_": _minus_dots_at_}
+         "minus_dots_at_": _minus_dots_at_, "add_mm_": _add_mm_}
 for _name, _impl in IMPLS.items():
     _OPS.impl(_name, _impl, "CompositeExplicitAutograd")
 
@@ -278,9 +301,20 @@ def _(dense: Tensor, buffer: Tensor, left: Tensor, a: Tensor, factor: float) -> 
     return None
 
 
+@torch.library.register_fake("runlora::add_mm_")
+def _(y: Tensor, a: Tensor, b: Tensor) -> None:
+    return None
+
+
+@register_flop_formula(torch.ops.runlora.add_mm_)
+def _(y_shape: torch.Size, a_shape: torch.Size, b_shape: torch.Size, **_: object) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]  # as aten.addmm's: FlopCounterMode counts it
+
+
 draw_seed = torch.ops.runlora.draw_seed.default
 dropped_positions = torch.ops.runlora.dropped_positions.default
 s_times_at = torch.ops.runlora.s_times_at.default
 lt_times_s = torch.ops.runlora.lt_times_s.default
 zero_at_ = torch.ops.runlora.zero_at_.default
 minus_dots_at_ = torch.ops.runlora.minus_dots_at_.default
+add_mm_ = torch.ops.runlora.add_mm_.default

@@ -40,8 +40,10 @@ def _apply(step: Step, env: dict[str, torch.Tensor], scales: Sequence[Scale],
     args = [env[name] for name in step.args]
     if step.op in dropout.PRODUCTS:
         return _sparse_product(step, args)
-    if step.op == "mm":
-        a, b = (t.t() if flip else t for t, flip in zip(args, step.transpose))
+    if step.op in ("mm", "add_mm"):
+        a, b = (t.t() if flip else t for t, flip in zip(args[-2:], step.transpose))
+        if step.op == "add_mm":
+            return dropout.add_mm_op(args[0].device)(args[0], a, b)
         return torch.mm(a, b)
     if step.op == "scale":
         scaled = args[0] * scales[step.scale] if step.scale >= 0 else args[0]

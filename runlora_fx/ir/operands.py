@@ -104,7 +104,7 @@ class Derived(enum.Enum):
     DIFFERENCE = "{}−{}"  # one value less another
     OVER_Q = "{}/q"  # divided by q = 1 − p
     MASKED = "{}·m"  # with the dropped positions zeroed
-    CORRECTED = "{}−C{}"  # a merged dx less adapter k's correction at its dropped positions
+    CORRECTED = "{}−C{}"  # a merged y or dx with adapter k's sparse-dropout correction
     GRAM = "G{}[{}]"  # member m's dyᵀ·D(x), for the input its adapters read
 
 

@@ -186,27 +186,20 @@ def _merged_terms(b: Builder, plan: Plan, mem: Member, weff: str,
                   recompute: bool) -> list[str]:
     """The merged forward's terms: x·W_effᵀ, the bias, and the sparse corrections
     c_k·B_kᵀ with c_k = −(s/q)·S·A_kᵀ (N×r). Where x·W_effᵀ is the member's own GEMM (not shared
-    with another product) and c_k is in x's dtype, the corrections ride on its inner dimension:
-    [x | c_k…]·[W_eff | B_k…]ᵀ = x·W_effᵀ + Σ c_k·B_kᵀ in one GEMM, K grown by r. A GEMM of its
-    own for c_k·B_kᵀ writes an N×d_out product to add to x·W_effᵀ (on a CPU Inductor makes that
-    an addmm, which copies x·W_effᵀ first)."""
-    m, x = mem.m, b.cast(ops.X, mem.base)
-    joined = bool(corrections) and not (plan.fold_x or plan.stack_w) and (
-        mem.lora(plan) == mem.base)
-    if not joined:
-        lora = mem.lora(plan)
-        return [b.mm(value("xW", m), x, weff, (False, mem.w_transposed), (Gemm.XW, m)), *bias,
-                *(b.mm(value("sSAB", m, k), b.cast(ssa, lora, recompute),
-                       b.cast(ops.lora_b(m, k), lora), (False, True)) for ssa, k in corrections)]
-    dim = 1 if mem.w_transposed else 0  # W_eff's d_in axis
-    bs = [b.cast(ops.lora_b(m, k), mem.base) for _, k in corrections]
-    if not mem.w_transposed:  # W_eff is d_in×d_out: Bᵀ joins it
-        bs = [b.emit(Step(derived(Derived.TRANSPOSED, name), "t", (name,))) for name in bs]
-    cs = [b.cast(c, mem.base) for c, _ in corrections]
-    left = b.emit(Step(derived(Derived.JOINED, ",".join([x, *cs])), "cat", (x, *cs), dim=1))
-    right = b.emit(Step(derived(Derived.JOINED, ",".join([weff, *bs])), "cat", (weff, *bs),
-                        dim=dim))
-    return [b.mm(value("xW", m), left, right, (False, mem.w_transposed)), *bias]
+    with another product) and c_k is in x's dtype, each correction is added into that GEMM's
+    fresh result in place ("add_mm"); otherwise it is a GEMM of its own whose N×d_out product
+    the sum adds (on a CPU Inductor makes that an addmm, which copies x·W_effᵀ first)."""
+    m, x, lora = mem.m, b.cast(ops.X, mem.base), mem.lora(plan)
+    xw = b.mm(value("xW", m), x, weff, (False, mem.w_transposed), (Gemm.XW, m))
+    if corrections and not (plan.fold_x or plan.stack_w) and lora == mem.base:
+        for c, k in corrections:
+            xw = b.emit(Step(derived(Derived.CORRECTED, value("xW", m), k), "add_mm",
+                             (xw, b.cast(c, lora), b.cast(ops.lora_b(m, k), lora)),
+                             (False, True)))
+        return [xw, *bias]
+    return [xw, *bias, *(b.mm(value("sSAB", m, k), b.cast(ssa, lora, recompute),
+                              b.cast(ops.lora_b(m, k), lora), (False, True))
+                         for ssa, k in corrections)]
 
 
 def _member_backward(b: Builder, plan: Plan, mem: Member) -> list[tuple[str, str]]:

@@ -13,7 +13,7 @@ from runlora_fx.ir.dropout import modelled_slots, position_dtype, wide_dtype
 from runlora_fx.ir.rounding import Rounding
 from runlora_fx.ir.sharing import Gemm
 
-Op = Literal["mm", "scale", "add", "sub", "colsum", "cast", "round", "cat", "slice", "t", "copy",
+Op = Literal["mm", "add_mm", "scale", "add", "sub", "colsum", "cast", "round", "cat", "slice", "t", "copy",
              "seed", "positions", "s_times_at", "lt_times_s", "zero_at", "minus_dots_at",
              "refresh"]
 Shape = tuple[int, ...]
@@ -22,7 +22,8 @@ Meta = tuple[Shape, torch.dtype]
 
 @dataclass(frozen=True)
 class Step:
-    """`out = op(args)`. mm: args[0]ᵀ? @ args[1]ᵀ? per `transpose`; scale: args[0]·scales[scale]
+    """`out = op(args)`. mm: args[0]ᵀ? @ args[1]ᵀ? per `transpose`; add_mm: args[0] + the mm of
+    args[1:], in place on args[0] (a GEMM's fresh result nothing else reads); scale: args[0]·scales[scale]
     (none when `scale` < 0)·`factor`; add: Σ args (broadcasting the bias, promoting dtypes);
     sub: args[0] − args[1]; colsum: Σ over rows; cast / round: to `dtype` (round: by
     `rounding`); cat: along `dim`; slice: [start, stop) along `dim`; t: the transposed view;
@@ -57,8 +58,8 @@ class Step:
 
 
 def mm_dims(step: Step, metas: dict[str, Meta]) -> tuple[int, int, int]:
-    """(m, k, n) of `op(a) @ op(b)`."""
-    (a, _), (b, _) = (metas[name] for name in step.args)
+    """(m, k, n) of `op(a) @ op(b)`: an mm's operands, an add_mm's last two."""
+    (a, _), (b, _) = (metas[name] for name in step.args[-2:])
     m, k = (a[1], a[0]) if step.transpose[0] else a
     k2, n = (b[1], b[0]) if step.transpose[1] else b
     assert k == k2, f"{step}: inner dims {k} != {k2}"
@@ -77,7 +78,7 @@ def infer(step: Step, metas: dict[str, Meta]) -> Meta:
         return (first_shape[0], metas[step.args[2]][0][0]), wide_dtype(first_dtype)
     if step.op == "lt_times_s":  # (L, P, x) → k×d
         return (first_shape[1], metas[step.args[2]][0][1]), wide_dtype(metas[step.args[2]][1])
-    if step.op == "mm":
+    if step.op in ("mm", "add_mm"):
         m, _, n = mm_dims(step, metas)
         dtypes = {metas[a][1] for a in step.args}
         assert len(dtypes) == 1, f"{step}: operands in {dtypes}"
