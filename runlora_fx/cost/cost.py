@@ -19,11 +19,10 @@ from runlora_fx.ir.dropout import PRODUCTS, expected_count
 from runlora_fx.ir.plans import Dropout, Plan
 from runlora_fx.ir.operands import Derived, derived
 from runlora_fx.ir.program import Program, metas_of, operand_metas, program_for, program_operands
-from runlora_fx.ir.steps import Meta, Step, infer, mm_dims
+from runlora_fx.ir.steps import GEMMS, Meta, Step, infer, mm_dims
 from runlora_fx.ir.site import SiteGroup
 
 VIEWS = ("slice", "t")
-GEMMS = ("mm", "add_mm")
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,12 @@ from dataclasses import asdict, dataclass, fields, replace
 import torch
 
 from runlora_fx.cost.cache import MeasurementCache
-from runlora_fx.cost.cost import GEMMS, VIEWS, graph_dropout_cost, step_costs
+from runlora_fx.cost.cost import VIEWS, graph_dropout_cost, step_costs
 from runlora_fx.cost.measure import synchronize
 from runlora_fx.ir.plans import Plan
 from runlora_fx.ir.program import Program, program_for
 from runlora_fx.ir.site import SiteGroup
+from runlora_fx.ir.steps import GEMMS
 
 log = logging.getLogger("runlora_fx")
 

@@ -19,7 +19,7 @@ from runlora_fx.ir.plans import Plan
 from runlora_fx.ir.rounding import round_to
 from runlora_fx.ir.program import Program, program_for, program_operands
 from runlora_fx.ir.stacks import Stack
-from runlora_fx.ir.steps import Step
+from runlora_fx.ir.steps import GEMMS, Step
 from runlora_fx.ir.site import SiteGroup
 
 # Forward nodes traced under this annotation are tagged MUST_RECOMPUTE by passes/recompute_tags.
@@ -40,7 +40,7 @@ def _apply(step: Step, env: dict[str, torch.Tensor], scales: Sequence[Scale],
     args = [env[name] for name in step.args]
     if step.op in dropout.PRODUCTS:
         return _sparse_product(step, args)
-    if step.op in ("mm", "add_mm"):
+    if step.op in GEMMS:
         a, b = (t.t() if flip else t for t, flip in zip(args[-2:], step.transpose))
         if step.op == "add_mm":
             return dropout.add_mm_op(args[0].device)(args[0], a, b)

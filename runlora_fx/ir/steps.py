@@ -13,21 +13,22 @@ from runlora_fx.ir.dropout import modelled_slots, position_dtype, wide_dtype
 from runlora_fx.ir.rounding import Rounding
 from runlora_fx.ir.sharing import Gemm
 
-Op = Literal["mm", "add_mm", "scale", "add", "sub", "colsum", "cast", "round", "cat", "slice", "t", "copy",
-             "seed", "positions", "s_times_at", "lt_times_s", "zero_at", "minus_dots_at",
-             "refresh"]
+Op = Literal["mm", "add_mm", "scale", "add", "sub", "colsum", "cast", "round", "cat", "slice",
+             "t", "copy", "seed", "positions", "s_times_at", "lt_times_s", "zero_at",
+             "minus_dots_at", "refresh"]
+GEMMS = ("mm", "add_mm")  # the steps that run a matrix product
 Shape = tuple[int, ...]
 Meta = tuple[Shape, torch.dtype]
 
 
 @dataclass(frozen=True)
 class Step:
-    """`out = op(args)`. mm: args[0]ᵀ? @ args[1]ᵀ? per `transpose`; add_mm: args[0] + the mm of
-    args[1:], in place on args[0] (a GEMM's fresh result nothing else reads); scale: args[0]·scales[scale]
-    (none when `scale` < 0)·`factor`; add: Σ args (broadcasting the bias, promoting dtypes);
-    sub: args[0] − args[1]; colsum: Σ over rows; cast / round: to `dtype` (round: by
-    `rounding`); cat: along `dim`; slice: [start, stop) along `dim`; t: the transposed view;
-    copy: a contiguous copy with its own storage.
+    """`out = op(args)`. mm: args[0]ᵀ? @ args[1]ᵀ? per `transpose`; add_mm: args[0] + the mm
+    of args[1:], in place on args[0] (a GEMM's fresh result nothing else reads); scale:
+    args[0]·scales[scale] (none when `scale` < 0)·`factor`; add: Σ args (broadcasting the bias,
+    promoting dtypes); sub: args[0] − args[1]; colsum: Σ over rows; cast / round: to `dtype`
+    (round: by `rounding`); cat: along `dim`; slice: [start, stop) along `dim`; t: the
+    transposed view; copy: a contiguous copy with its own storage.
 
     Sparse dropout (dropout.py), with P the dropped positions of a site's D(x) = (x − S)/q:
     seed: a seed from torch's generator of args[0]'s device; positions: P of a Bernoulli(`p`) mask over args[1]'s
@@ -78,7 +79,7 @@ def infer(step: Step, metas: dict[str, Meta]) -> Meta:
         return (first_shape[0], metas[step.args[2]][0][0]), wide_dtype(first_dtype)
     if step.op == "lt_times_s":  # (L, P, x) → k×d
         return (first_shape[1], metas[step.args[2]][0][1]), wide_dtype(metas[step.args[2]][1])
-    if step.op in ("mm", "add_mm"):
+    if step.op in GEMMS:
         m, _, n = mm_dims(step, metas)
         dtypes = {metas[a][1] for a in step.args}
         assert len(dtypes) == 1, f"{step}: operands in {dtypes}"
