@@ -3,11 +3,15 @@
 A program's `seed` steps draw from torch's generator in forward order, and each `positions`
 step is a pure function of its seed (runlora_fx/dropout.py): so under `torch.manual_seed(s)`
 the positions a run drew can be drawn again here, for a dense reference with the same mask.
+`RecordRunloraOps` counts the runlora ops a run dispatches.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from runlora_fx.ir.dropout import capacity, draw_seed, dropped_positions
 from runlora_fx.ir.program import Program
@@ -30,3 +34,16 @@ def keep_mask(positions: torch.Tensor, shape: tuple[int, ...], p: float,
     mask = torch.ones(shape, dtype=dtype).reshape(-1)
     mask[positions.long()] = 0
     return mask.reshape(shape) / (1 - p)
+
+
+class RecordRunloraOps(TorchDispatchMode):
+    """Counts every runlora op dispatched, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "runlora":
+            self.calls[func._opname] += 1
+        return func(*args, **(kwargs or {}))

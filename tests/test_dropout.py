@@ -14,14 +14,14 @@ from torch import nn
 import runlora_fx
 from runlora_fx.ir import dropout as D
 from runlora_fx.ir import dropout_kernels as kernels
-from runlora_fx.ir.execute import UnitCall
+from runlora_fx.ir.execute import UnitCall, run_steps
 from runlora_fx.ir.plans import Dropout, Forward, plans_for
-from runlora_fx.ir.program import metas_of
+from runlora_fx.ir.program import metas_of, program_operands
 from runlora_fx.ir.site import Adapter, LoraSite, SiteGroup, WeightLayout
 from runlora_fx.ir.steps import mm_dims
 
 from conftest import ALL_TARGETS, peft_llama, twin
-from replay import keep_mask, replayed_positions
+from replay import RecordRunloraOps, keep_mask, replayed_positions
 
 CPU = torch.device("cpu")
 
@@ -120,8 +120,9 @@ def _operands(n: int, d: int, r: int, dtype: torch.dtype, strided: bool):
 @pytest.mark.skipif(kernels.library() is None, reason="no C compiler: the torch versions run")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("strided", [False, True])
-def test_the_c_kernels_equal_the_torch_versions(dtype, strided):
-    n, d, r = 70, 40, 5
+@pytest.mark.parametrize("r", [5, 8, 16])  # a run-time rank; ranks the kernels' dot unrolls
+def test_the_c_kernels_equal_the_torch_versions(dtype, strided, r):
+    n, d = 70, 40
     x, a, left, dense = _operands(n, d, r, dtype, strided)
     for p in (0.2, 1e-9):  # some positions; none (count 0)
         buffer = buffer_for(n * d, p, seed=1)
@@ -160,6 +161,49 @@ def test_the_products_equal_the_dense_mask_in_fp64():
     minus = dense.clone()
     D.minus_dots_at_(minus, buffer, left, a, 0.5)
     torch.testing.assert_close(minus, dense - 0.5 * (left @ a) * dropped)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("strided", [False, True])
+def test_the_draw_and_its_product_in_one_call_equal_them_apart(dtype, strided):
+    """drawn_s_times_at (one C call on the CPU, the torch ops where no compiler works) gives the
+    buffer dropped_positions draws from the seed and S·Aᵀ at its positions, bit for bit."""
+    n, d, r, p = 70, 40, 8, 0.2
+    x, a, _, _ = _operands(n, d, r, dtype, strided)
+    slots = D.capacity(n * d, p)
+    seed = torch.tensor(11)
+    buffer, product = D.drawn_s_times_at(seed, n * d, p, slots, x, a)
+    apart = D.dropped_positions(seed, n * d, p, slots, CPU)
+    assert torch.equal(buffer, apart)
+    assert torch.equal(product, D.s_times_at(x, apart, a))
+
+
+def test_a_cpu_forward_draws_and_multiplies_in_one_call_a_site():
+    """execute.run_steps runs a positions step and the S·Aᵀ that reads it as one op on the
+    CPU: each adapter's forward makes a seed and one drawn_s_times_at, and its values are the
+    two steps' apart."""
+    n, d, p = 16, 12, 0.25
+    members = tuple(LoraSite(f"m{m}", n, d, 8, (Adapter(4, p, 2.0, True, True),),
+                             torch.float32, False, False, True, True) for m in range(2))
+    unit = SiteGroup(members)
+    plan = next(plan for plan in plans_for(unit) if plan.dropout is Dropout.SPARSE)
+    program = UnitCall("unit", unit, plan).program
+    gen = torch.Generator().manual_seed(0)
+    env = {op.name: torch.randn(*op.shape, generator=gen)
+           for op in program_operands(unit, program)}
+    placement = {name: (t.shape, t.device) for name, t in env.items()}
+    record = RecordRunloraOps()
+    with record:
+        run_steps(program.forward, env, [2.0, 2.0], "unit", placement)
+    assert record.calls["drawn_s_times_at"] == record.calls["draw_seed"] == 2, plan.describe()
+    assert "dropped_positions" not in record.calls and "s_times_at" not in record.calls
+    for step in program.forward:
+        if step.op == "s_times_at":
+            x, positions, a = (env[name] for name in step.args)
+            seed = env[next(s.args[0] for s in program.forward if s.out == step.args[1])]
+            assert torch.equal(positions, D.dropped_positions(seed, n * d, p,
+                                                              D.capacity(n * d, p), CPU))
+            assert torch.equal(env[step.out], D.s_times_at(x, positions, a))
 
 
 # ---- a group's programs ----------------------------------------------------------------------

@@ -21,6 +21,7 @@ from runlora_fx.ir.program import program_for, program_operands
 from runlora_fx.ir.site import Adapter, LoraSite, SiteGroup
 
 from conftest import grads, peft_llama, twin
+from replay import RecordRunloraOps
 
 CUDA = torch.device("cuda")
 
@@ -146,6 +147,8 @@ def test_every_dropout_op_runs_on_cuda_without_a_host_read(fake_cuda, dtype, num
     assert (buffer.shape, buffer.dtype, buffer.device.type) == (
         (slots + 1,), D.position_dtype(n * d), "cuda")
     assert D.s_times_at(x, buffer, a).shape == (n, r)
+    drawn, product = D.drawn_s_times_at(seed, n * d, p, slots, x, a)
+    assert (drawn.shape, drawn.dtype, product.shape) == (buffer.shape, buffer.dtype, (n, r))
     assert D.lt_times_s(left, buffer, x).shape == (r, d)
     D.zero_at_(torch.randn(n, d, device=CUDA, dtype=dtype), buffer)
     D.minus_dots_at_(torch.randn(n, d, device=CUDA, dtype=dtype), buffer, left, a, 1.25)
@@ -192,19 +195,6 @@ def test_every_sparse_dropout_plans_step_runs_on_cuda_without_a_host_read(fake_c
         assert program.grads, plan.describe()
 
 
-class RecordRunloraOps(TorchDispatchMode):
-    """Notes every runlora op dispatched."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "runlora":
-            self.seen.add(func._opname)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("unit", _units(), ids=["fp32", "bf16-peft", "group"])
 def test_off_the_cpu_the_sparse_steps_are_torch_ops_inductor_can_fuse(unit):
     """Only the seed stays an opaque op on CUDA: the draw and the products are traced into the
@@ -214,7 +204,7 @@ def test_off_the_cpu_the_sparse_steps_are_torch_ops_inductor_can_fuse(unit):
     record = RecordRunloraOps()
     with FakeTensorMode(allow_non_fake_inputs=False), record:
         run_program_on_cuda(unit, program)
-    assert record.seen == {"draw_seed"}, plan.describe()
+    assert set(record.calls) == {"draw_seed"}, plan.describe()
 
 
 def _in_graph_steps(seed, x, a, left, dense, p):

@@ -173,6 +173,20 @@ int zero_at_##X(void* dense, int64_t ld, int64_t d, const int32_t* pos, int64_t 
     FOR_EACH_POSITION((X##_t*)dense, ld, , store_##X(dense, i * ld + j, 0.0f);, ) \
     return 0; \
 }
+/* Σ_c l[c]·w[c]. At the usual ranks the trip count is a constant, so the dot is a few straight
+   vector FMAs and one reduction; with r known only at run time every position pays a vector
+   loop's set-up and remainder (r 8, 13k positions: 78 → 47 µs a call, docs/benchmarks.md). */
+#define DOT_AT_RANK(T, R) case R: for (int c = 0; c < R; c++) dot += load_##T(l, c) * w[c]; break;
+#define DOT(T) \
+static inline float dot_##T(const T##_t* restrict l, const float* restrict w, int64_t r) { \
+    float dot = 0.0f; \
+    switch (r) { \
+    DOT_AT_RANK(T, 4) DOT_AT_RANK(T, 8) DOT_AT_RANK(T, 16) DOT_AT_RANK(T, 32) DOT_AT_RANK(T, 64) \
+    default: for (int64_t c = 0; c < r; c++) dot += load_##T(l, c) * w[c]; \
+    } \
+    return dot; \
+}
+DOT(f32) DOT(bf16) DOT(f16)
 /* dense[i, j] −= factor·left[i, :]·A[:, j] per position */
 #define MINUS_DOTS_AT(X, T) \
 int minus_dots_at_##X##_##T(void* dense, int64_t ld, int64_t d, const int32_t* pos, \
@@ -183,10 +197,7 @@ int minus_dots_at_##X##_##T(void* dense, int64_t ld, int64_t d, const int32_t* p
     float* at = transposed_##T(a, lda, r, d); \
     if (at == NULL) return -1; \
     FOR_EACH_POSITION((X##_t*)dense, ld, , \
-        float dot = 0.0f; \
-        const T##_t* restrict l = (const T##_t*)left + i * ldl; \
-        const float* restrict w = at + j * r; \
-        for (int64_t c = 0; c < r; c++) dot += load_##T(l, c) * w[c]; \
+        float dot = dot_##T((const T##_t*)left + i * ldl, at + j * r, r); \
         int64_t at_ = i * ld + j; \
         store_##X(dense, at_, load_##X(dense, at_) - factor * dot);, ) \
     free(at); \
@@ -261,7 +272,15 @@ int64_t draw_positions(uint64_t seed, int64_t numel, double inv_log_q, int32_t* 
     return count;
 }
 
-#define PAIR(X, T) S_TIMES_AT(X, T) LT_TIMES_S(X, T) MINUS_DOTS_AT(X, T)
+/* The draw, then S·Aᵀ at the positions it drew: one call where a site's forward does both */
+#define DRAWN_S_TIMES_AT(X, T) \
+int drawn_s_times_at_##X##_##T(uint64_t seed, int64_t numel, double inv_log_q, int32_t* pos, \
+                               int64_t slots, const void* x, int64_t ldx, int64_t rows, \
+                               int64_t d, const void* a, int64_t lda, int64_t r, float* out) { \
+    draw_positions(seed, numel, inv_log_q, pos, slots); \
+    return s_times_at_##X##_##T(x, ldx, rows, d, pos, slots, a, lda, r, out); \
+}
+#define PAIR(X, T) S_TIMES_AT(X, T) LT_TIMES_S(X, T) MINUS_DOTS_AT(X, T) DRAWN_S_TIMES_AT(X, T)
 #define WITH(X) PAIR(X, f32) PAIR(X, bf16) PAIR(X, f16) ZERO_AT(X)
 WITH(f32) WITH(bf16) WITH(f16)
 """
@@ -328,12 +347,14 @@ def _build(compiler: str, flags: list[str], source: Path, built: Path) -> None:
 def usable(*tensors: torch.Tensor) -> bool:
     """The kernels apply: 2-D CPU tensors of known element types with contiguous rows, and the
     positions buffer (int32)."""
+    # called before every kernel: is_cpu and `is` on the dtype, not device objects (~5 µs less)
     for t in tensors:
-        if t.device.type != "cpu":
+        if not t.is_cpu:
             return False
-        if t.dtype == torch.int32 and t.dim() == 1 and t.is_contiguous():
-            continue
-        if t.dtype not in TYPES or t.dim() != 2 or t.stride(1) != 1:
+        if t.dtype is torch.int32:
+            if t.dim() != 1 or not t.is_contiguous():
+                return False
+        elif t.dtype not in TYPES or t.dim() != 2 or t.stride(1) != 1:
             return False
     return True
 
@@ -344,6 +365,8 @@ ARGUMENTS = {  # each kernel's C arguments (SOURCE), set once so a call converts
     "lt_times_s": [_VOID, _INT, _INT, _VOID, _INT, _VOID, _INT, _INT, _VOID],
     "zero_at": [_VOID, _INT, _INT, _VOID, _INT],
     "minus_dots_at": [_VOID, _INT, _INT, _VOID, _INT, _VOID, _INT, _VOID, _INT, _INT, _FLOAT],
+    "drawn_s_times_at": [ctypes.c_uint64, _INT, ctypes.c_double, _VOID, _INT, _VOID, _INT, _INT,
+                         _INT, _VOID, _INT, _INT, _VOID],
 }
 
 
@@ -371,6 +394,18 @@ def s_times_at(lib: ctypes.CDLL, x: torch.Tensor, buffer: torch.Tensor,
         x.data_ptr(), x.stride(0), x.shape[0], x.shape[1], buffer.data_ptr(), _slots(buffer),
         a.data_ptr(), a.stride(0), a.shape[0], out.data_ptr()))
     return out
+
+
+def drawn_s_times_at(lib: ctypes.CDLL, seed: int, numel: int, p: float, slots: int,
+                     x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The buffer of `seed`'s draw (as draw_positions) and S·Aᵀ at its positions, in one call."""
+    buffer = torch.empty(slots + 1, dtype=torch.int32)
+    out = torch.empty(x.shape[0], a.shape[0])
+    _run(_kernel(lib, "drawn_s_times_at", x.dtype, a.dtype)(
+        seed % 2**64, numel, 1.0 / math.log1p(-p), buffer.data_ptr(), slots, x.data_ptr(),
+        x.stride(0), x.shape[0], x.shape[1], a.data_ptr(), a.stride(0), a.shape[0],
+        out.data_ptr()))
+    return buffer, out
 
 
 def lt_times_s(lib: ctypes.CDLL, left: torch.Tensor, buffer: torch.Tensor,

@@ -7,7 +7,8 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -84,16 +85,35 @@ def _sparse_product(step: Step, args: list[torch.Tensor]) -> torch.Tensor:
     return args[0]  # in place: the program hands it a fresh product no one reads
 
 
+def _drawn_product(draw: Step, product: Step | None, operands: Mapping[str, Placement]
+                   ) -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    """The one call that runs `draw` (a positions step) and `product` (the step after it) where
+    that is the S·Aᵀ at its positions, recomputed or not alike; None where they run apart."""
+    if (draw.op != "positions" or product is None or product.op != "s_times_at"
+            or product.args[1] != draw.out or product.recompute != draw.recompute):
+        return None
+    return dropout.drawn_product_op(operands[draw.args[1]][1])
+
+
 def run_steps(
     steps: Sequence[Step], env: dict[str, torch.Tensor], scales: Sequence[Scale], tag: str,
     operands: Mapping[str, Placement],
 ) -> None:
-    for step in steps:
-        if step.recompute:
-            with annotate({RECOMPUTE_ANNOTATION: tag}):
+    i = 0
+    while i < len(steps):
+        step, after = steps[i], steps[i + 1] if i + 1 < len(steps) else None
+        drawn = _drawn_product(step, after, operands)
+        with annotate({RECOMPUTE_ANNOTATION: tag}) if step.recompute else nullcontext():
+            if drawn is None or after is None:
                 env[step.out] = _apply(step, env, scales, operands, tag)
-        else:
-            env[step.out] = _apply(step, env, scales, operands, tag)
+                i += 1
+                continue
+            # (seed, numel, p, slots, x, A): the buffer, after.args[1], is drawn by this call
+            numel = math.prod(operands[step.args[1]][0])
+            env[step.out], env[after.out] = drawn(
+                env[step.args[0]], numel, step.p, dropout.capacity(numel, step.p),
+                env[after.args[0]], env[after.args[2]])
+            i += 2
 
 
 def stack_parts(stack: Stack, parts: Sequence[str], env: Mapping[str, torch.Tensor],
