@@ -140,11 +140,16 @@ def _draw_seed(like: Tensor, name: str) -> Tensor:
     return torch.randint(0, SEED_HIGH, (), dtype=torch.int64, device=like.device)
 
 
+def _draw_library(numel: int, device: torch.device) -> ctypes.CDLL | None:
+    """The kernels where the C loop draws: on the CPU, positions that fit its int32 buffer."""
+    return kernels.library() if device.type == "cpu" and numel < 2**31 - 1 else None
+
+
 def _dropped_positions(seed: Tensor, numel: int, p: float, slots: int,
                        device: torch.device) -> Tensor:
     """The buffer for `seed` (a 0-d int64 tensor): a pure function of it. On the CPU reading
     the seed costs nothing and the C loop draws; elsewhere the device draws (`device_buffer`)."""
-    lib = kernels.library() if device.type == "cpu" and numel < 2**31 - 1 else None
+    lib = _draw_library(numel, device)
     if lib is None:
         return device_buffer(seed, numel, p, slots)  # the seed lives on `device`
     buffer = torch.empty(slots + 1, dtype=torch.int32)
@@ -211,7 +216,7 @@ def _s_times_at(x: Tensor, buffer: Tensor, a: Tensor) -> Tensor:
 
 def _drawn_s_times_at(seed: Tensor, numel: int, p: float, slots: int, x: Tensor,
                       a: Tensor) -> tuple[Tensor, Tensor]:
-    lib = _native(x, a) if numel < 2**31 - 1 else None
+    lib = _native(x, a) if _draw_library(numel, x.device) is not None else None
     if lib is not None and a.dtype == x.dtype:
         return kernels.drawn_s_times_at(lib, int(seed), numel, p, slots, x, a)
     buffer = _dropped_positions(seed, numel, p, slots, x.device)
